@@ -1,0 +1,29 @@
+"""lora_graph: many LoRA adapters served at once over one frozen Hugging Face model.
+
+    lm = lora_graph.wrap(model)
+    lm.load_adapter("sql", "path/to/peft_dir")
+    lm.generate(input_ids=ids, adapters=["sql", None, {"sql": 0.5, "chat": 1.0}])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import AdapterConfigError
+from .wrapper import AdapterInfo, LoraGraph
+
+__all__ = ["wrap", "LoraGraph", "AdapterInfo", "AdapterConfigError", "__version__"]
+__version__ = "0.1.0"
+
+
+def wrap(model: torch.nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32) -> LoraGraph:
+    """Patch ``model`` in place for multi-adapter serving and return the wrapper.
+
+    Args:
+        model: a Hugging Face model (or any ``nn.Module`` with Linear / Conv1D / Embedding layers).
+            Its parameters and buffers are never modified.
+        backend: ``"auto"`` or ``"torch"``.
+        adapter_dtype: dtype the LoRA factors are stored in. The branch always accumulates in fp32;
+            the default fp32 storage matches PEFT's default numerics.
+    """
+    return LoraGraph(model, backend=backend, adapter_dtype=adapter_dtype)

@@ -1,0 +1,193 @@
+"""Reading a PEFT adapter directory into validated, per-module LoRA weights.
+
+`read_adapter` does all the checking before anything is placed: the config (see config.py), the
+file format, and every key against the model's modules, shapes and the config's ranks. An adapter
+that gets past it can be placed without further failure, so a failed load leaves no trace.
+
+Keys look like ``base_model.model.<module path>.lora_A.weight`` (see PEFT_SEMANTICS §3). Only the
+names inside the base model matter; PEFT's wrapper prefix is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import AdapterConfigError, LoraSettings, parse_config
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$"
+)
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """What a patchable module looks like from outside: ``in_features``/``out_features``
+    (for an embedding: vocabulary size and embedding dim)."""
+
+    kind: str  # "linear" | "embedding"
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    """One adapter's factors for one module, in PEFT's layout."""
+
+    a: torch.Tensor  # (r, K)
+    b: torch.Tensor  # (N, r)
+    bias: torch.Tensor | None  # (N,) or None
+    rank: int
+    scale: float
+
+    @property
+    def nbytes(self) -> int:
+        n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """A validated adapter, ready to be placed into the banks."""
+
+    path: str
+    settings: LoraSettings
+    modules: dict[str, ModuleLora]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes for m in self.modules.values())
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st = folder / SAFETENSORS_NAME
+    if st.is_file():
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{st}: cannot read the adapter weights ({exc})") from None
+    pt = folder / PICKLE_NAME
+    if pt.is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{pt}: refusing to read a pickle file; pass allow_pickle=True if you trust it "
+                "(it is then read with torch.load(weights_only=True))"
+            )
+        try:
+            tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
+            raise ValueError(f"{pt}: cannot read the adapter weights ({exc})") from None
+        if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
+            raise ValueError(f"{pt}: expected a dict of tensors")
+        return tensors
+    raise FileNotFoundError(f"{folder}: no {SAFETENSORS_NAME} (nor {PICKLE_NAME})")
+
+
+def read_config(folder: Path) -> LoraSettings:
+    cfg = folder / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}")
+    try:
+        raw = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterConfigError(f"{cfg}: not valid JSON ({exc})") from None
+    return parse_config(raw, source=str(cfg))
+
+
+def read_adapter(
+    path: str | os.PathLike,
+    shapes: dict[str, ModuleShape],
+    allow_pickle: bool = False,
+) -> AdapterWeights:
+    """Read and validate a PEFT adapter directory against a model's patchable modules.
+
+    Args:
+        path: the directory holding adapter_config.json and adapter_model.safetensors.
+        shapes: every patchable module of the model, by its name inside the model.
+        allow_pickle: accept a legacy adapter_model.bin (read with ``weights_only=True``).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
+    settings = read_config(folder)
+    tensors = _read_tensors(folder, allow_pickle)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
+        parts.setdefault(m["module"], {})[m["part"]] = tensor
+
+    modules: dict[str, ModuleLora] = {}
+    for name, found in parts.items():
+        modules[name] = _check_module(folder, name, found, shapes.get(name), settings)
+
+    targeted = {n for n in shapes if settings.targets(n)}
+    stray = sorted(set(modules) - targeted)
+    if stray:
+        raise ValueError(
+            f"{folder}: the weights hold module {stray[0]!r} that the config's target_modules / "
+            "exclude_modules / layers_to_transform do not select"
+        )
+    missing = sorted(targeted - set(modules))
+    if missing:
+        if settings.init_lora_weights in (True, "gaussian", "eva", "mica"):
+            # PEFT would keep lora_B at its zero init there: the adapter is a no-op on those modules.
+            logger.warning("%s: no weights for %d targeted module(s), e.g. %r; they stay base-only",
+                           folder, len(missing), missing[0])
+        else:
+            raise ValueError(
+                f"{folder}: module {missing[0]!r} is targeted by the config but has no weights, and "
+                f"init_lora_weights={settings.init_lora_weights!r} would give it random values in PEFT"
+            )
+    if not modules:
+        raise ValueError(f"{folder}: the adapter holds no LoRA weights")
+    return AdapterWeights(str(folder), settings, modules)
+
+
+def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings) -> ModuleLora:
+    if shape is None:
+        raise ValueError(f"{folder}: module {name!r} does not exist in the model (or is not a Linear, Conv1D or Embedding)")
+    is_emb = "lora_embedding_A" in found or "lora_embedding_B" in found
+    if is_emb != (shape.kind == "embedding"):
+        raise ValueError(f"{folder}: module {name!r} is a {shape.kind} but the file holds "
+                         f"{'embedding' if is_emb else 'linear'} LoRA weights for it")
+    a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if is_emb else ("lora_A.weight", "lora_B.weight")
+    if a_key not in found or b_key not in found:
+        raise ValueError(f"{folder}: module {name!r} lacks {a_key if a_key not in found else b_key}")
+    a, b, bias = found[a_key], found[b_key], found.get("lora_B.bias")
+    k, n = shape.in_features, shape.out_features
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != k or b.shape[0] != n or a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"{folder}: module {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, but the model's module "
+            f"needs A (r, {k}) and B ({n}, r); was the adapter trained on another model?"
+        )
+    if not a.is_floating_point() or not b.is_floating_point():
+        raise ValueError(f"{folder}: module {name!r} has non-float LoRA weights")
+    rank = a.shape[0]
+    expected = settings.rank_for(name)
+    if rank != expected:
+        raise ValueError(f"{folder}: module {name!r} has rank {rank} but the config (r / rank_pattern) says {expected}")
+    if bias is not None:
+        if not settings.lora_bias:
+            raise ValueError(f"{folder}: module {name!r} has a lora_B bias but the config has lora_bias=false")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{folder}: module {name!r} has a lora_B bias of shape {tuple(bias.shape)}, expected ({n},)")
+    return ModuleLora(a, b, bias, rank, settings.scale_for(name))

@@ -1,0 +1,91 @@
+"""Patched modules: the untouched base module plus the LoRA branch of whatever the plan routes.
+
+    LoraLinear.forward(x)    = base(x) + Σ_lanes w·s·(B(A x) + b)     nn.Linear, bnb Linear4bit/8bitLt, Conv1D
+    LoraEmbedding.forward(i) = base(i) + Σ_lanes w·s·B(A[:, i]) · embed_scale
+
+The base module is called as a black box, so every quantization format works the same way. The
+wrapper keeps the base's parameter names in ``state_dict`` (no ``base_layer.`` infix), and forwards
+unknown attributes (``weight``, ``embed_scale``, ...) to it, so model code that reaches into the
+module keeps working. Tokens are flattened to ``(T, K)``; the plan maps them to lanes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .bank import AdapterBank
+from .routing import Router
+
+_INFIX = "base_layer."
+
+
+def _strip_infix(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + _INFIX)]:
+        state_dict[prefix + key[len(prefix) + len(_INFIX):]] = state_dict.pop(key)
+
+
+def _add_infix(module, state_dict, prefix, *args):
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + _INFIX)]:
+        state_dict[prefix + _INFIX + key[len(prefix):]] = state_dict.pop(key)
+
+
+class _LoraModule(nn.Module):
+    def __init__(self, base_layer: nn.Module, bank: AdapterBank, router: Router, backend: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.bank = bank
+        self.router = router
+        self.backend = backend
+        self.register_state_dict_post_hook(_strip_infix)
+        self.register_load_state_dict_pre_hook(_add_infix)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def _grid(self, num_tokens: int, leading_dim: int | None, device: torch.device):
+        plan = self.router.current(leading_dim)
+        if plan is None or not self.bank.present:
+            return None
+        return plan.grid(num_tokens, self.bank.present, device)
+
+    def extra_repr(self) -> str:
+        return f"slots={sorted(self.bank.present)}, backend={self.backend!r}"
+
+
+class LoraLinear(_LoraModule):
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        k = x.shape[-1]
+        num_tokens = x.numel() // k if k else 0
+        grid = self._grid(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
+        if grid is None:
+            return out
+        a, b, bias, coef = self.bank.operands(grid.slots, grid.weight)
+        y = ops.lora_delta(
+            self.backend, x.reshape(num_tokens, k), out.reshape(num_tokens, -1),  # (T, K), (T, N)
+            a, b, bias, grid.token, coef, grid.identity,
+        )
+        return y.view(out.shape)
+
+
+class LoraEmbedding(_LoraModule):
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(ids, *args, **kwargs)
+        num_tokens = ids.numel()
+        grid = self._grid(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
+        if grid is None:
+            return out
+        a, b, _, coef = self.bank.operands(grid.slots, grid.weight)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        y = ops.lora_embedding_delta(
+            self.backend, ids.reshape(num_tokens), out.reshape(num_tokens, -1),  # (T,), (T, N)
+            a, b, grid.token, coef, embed_scale,
+        )
+        return y.view(out.shape)

@@ -1,0 +1,248 @@
+"""Routing: from a request's adapter SPEC to a token-level plan the layers read.
+
+A SPEC says which adapters each batch row uses: ``None`` (base only), a name, a mapping
+``{name: weight}``, or a list of those with one entry per row. PEFT's ``adapter_names`` list, where
+``"__base__"`` means no adapter, is the same thing spelled differently.
+
+The plan is built once per model forward, from the batch size of the top-level input, and handed
+to the patched layers through a ``ContextVar`` rather than through keyword arguments threaded
+through model code. It is token-level: a layer that sees ``T`` flattened tokens for ``B`` rows maps
+token ``t`` to row ``t // (T // B)``. That holds for ``(B, L, K)`` activations, for models that
+flatten them to ``(B*L, K)`` (OPT), and for ``lm_head`` called on the last position only. A batch that
+``generate`` expanded (``num_return_sequences``, ``num_beams``) repeats each row's SPEC in place,
+the way ``generate`` repeats the rows themselves.
+
+Lanes are laid out as a ``(D, M)`` grid: one row per distinct slot, padded to the longest. The grid
+depends on the token count and on which slots a module holds, so it is built lazily and cached on
+the plan; every layer of one forward shares it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+BASE_NAME = "__base__"
+
+# One row's adapters: ((name, weight), ...) sorted by name; () is the base model.
+RowLanes = tuple[tuple[str, float], ...]
+
+
+def _row_from_item(item, slots, where: str) -> RowLanes:
+    if item is None or (isinstance(item, str) and item == BASE_NAME):
+        return ()
+    if isinstance(item, str):
+        _check_name(item, slots, where)
+        return ((item, 1.0),)
+    if isinstance(item, Mapping):
+        lanes: dict[str, float] = {}
+        for name, weight in item.items():
+            if not isinstance(name, str):
+                raise TypeError(f"adapter names must be strings, got {name!r} in {where}")
+            if name == BASE_NAME:
+                raise ValueError(f"{BASE_NAME!r} cannot carry a weight (in {where})")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not (
+                torch.is_tensor(weight) and weight.numel() == 1
+            ):
+                raise TypeError(f"weight of adapter {name!r} must be a real number, got {weight!r}")
+            weight = float(weight)
+            if not math.isfinite(weight):
+                raise ValueError(f"weight of adapter {name!r} must be finite, got {weight}")
+            _check_name(name, slots, where)
+            if weight != 0.0:
+                lanes[name] = weight
+        return tuple(sorted(lanes.items()))
+    raise TypeError(
+        f"{where}: expected None, an adapter name or a {{name: weight}} mapping, got {type(item).__name__}"
+    )
+
+
+def _check_name(name: str, known, where: str) -> None:
+    if name not in known:
+        listed = ", ".join(sorted(known)) or "none loaded"
+        raise ValueError(f"unknown adapter {name!r} in {where} (loaded: {listed})")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated SPEC: one row broadcast to the whole batch, or one row per batch row."""
+
+    rows: tuple[RowLanes, ...]
+    per_row: bool
+
+    def expand(self, batch_size: int) -> tuple[RowLanes, ...]:
+        """Per-row lanes for a forward of ``batch_size`` rows (broadcast, or repeat for generate)."""
+        if not self.per_row:
+            return self.rows * batch_size
+        n = len(self.rows)
+        if batch_size == n:
+            return self.rows
+        if batch_size % n == 0:
+            # generate() expands rows in place (repeat_interleave) for num_return_sequences and beams.
+            k = batch_size // n
+            return tuple(r for r in self.rows for _ in range(k))
+        raise ValueError(
+            f"the adapter SPEC list has {n} entries but the batch has {batch_size} rows; "
+            "give one entry per row, or a single SPEC for all rows"
+        )
+
+
+def resolve_spec(spec, known) -> Spec:
+    """Validate a SPEC against the loaded adapter names and normalise it."""
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        if len(spec) == 0:
+            raise ValueError("an adapter SPEC list must have one entry per batch row, got an empty list")
+        return Spec(tuple(_row_from_item(item, known, f"SPEC row {i}") for i, item in enumerate(spec)), True)
+    return Spec((_row_from_item(spec, known, "SPEC"),), False)
+
+
+def spec_from_adapter_names(adapter_names) -> list:
+    """PEFT's ``adapter_names=[...]`` ("__base__" for no adapter) as a SPEC list."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise TypeError("adapter_names must be a list with one adapter name per batch row")
+    return [None if n == BASE_NAME else n for n in adapter_names]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The lanes of one forward for one set of slots, grouped by slot and padded to ``(D, M)``."""
+
+    slots: tuple[int, ...]  # (D,) distinct slots, ascending
+    token: torch.Tensor  # (D*M,) int64
+    weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
+    identity: bool  # token == arange(T): one slot, one lane per token, in order
+
+
+@dataclass
+class RoutingPlan:
+    """Per-row lanes of one forward, ``((slot, weight), ...)`` per row, expanded to tokens on demand."""
+
+    rows: tuple[tuple[tuple[int, float], ...], ...]
+    _grids: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(s for row in self.rows for s, _ in row)
+
+    def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
+        """The grid for a layer that sees ``num_tokens`` tokens and holds the slots ``present``.
+
+        Returns None when no token of this forward uses any slot the layer holds.
+        """
+        key = (num_tokens, present, device)
+        try:
+            return self._grids[key]
+        except KeyError:
+            pass
+        grid = self._build(num_tokens, present, device)
+        self._grids[key] = grid
+        return grid
+
+    def _build(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
+        batch = len(self.rows)
+        if num_tokens % batch:
+            raise ValueError(
+                f"cannot route: a patched layer saw {num_tokens} tokens for a batch of {batch} rows; "
+                "each row must contribute the same number of tokens"
+            )
+        per_row = num_tokens // batch
+        by_slot: dict[int, tuple[list[int], list[float]]] = {}
+        for row, lanes in enumerate(self.rows):
+            for slot, weight in lanes:
+                if slot in present:
+                    rows_w = by_slot.setdefault(slot, ([], []))
+                    rows_w[0].append(row)
+                    rows_w[1].append(weight)
+        if not by_slot:
+            return None
+        slots = tuple(sorted(by_slot))
+        width = max(len(by_slot[s][0]) for s in slots)
+        row_idx = torch.zeros(len(slots), width, dtype=torch.int64)  # (D, W) rows, padded
+        row_w = torch.zeros(len(slots), width, dtype=torch.float32)  # (D, W)
+        for d, s in enumerate(slots):
+            rows, weights = by_slot[s]
+            row_idx[d, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+            row_w[d, : len(rows)] = torch.tensor(weights, dtype=torch.float32)
+        offs = torch.arange(per_row, dtype=torch.int64)
+        token = (row_idx.unsqueeze(-1) * per_row + offs).reshape(-1)  # (D*W*L,)
+        weight = row_w.unsqueeze(-1).expand(-1, -1, per_row).reshape(len(slots), width * per_row)  # (D, M)
+        identity = len(slots) == 1 and width == batch and by_slot[slots[0]][0] == list(range(batch))
+        return Grid(slots, token.to(device), weight.contiguous().to(device), identity)
+
+
+_MISSING = object()
+
+
+class Router:
+    """Per-wrapper routing state: the active SPEC (set by ``use``) and the current plan.
+
+    ``slots`` maps adapter names to slots; it is the wrapper's own dict, read when a plan is built,
+    so a SPEC never holds a slot that a later unload could hand to another adapter.
+    """
+
+    def __init__(self, slots: Mapping[str, int]) -> None:
+        self.slots = slots
+        self._spec: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_spec_{id(self)}", default=None)
+        self._plan: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_plan_{id(self)}", default=None)
+        self._cache: dict = {}
+
+    def set_spec(self, rows):
+        return self._spec.set(rows)
+
+    def reset_spec(self, token) -> None:
+        self._spec.reset(token)
+
+    def begin_forward(self, batch_size: int | None):
+        """Called by the top-level forward pre-hook; returns a token for :meth:`end_forward`."""
+        rows = self._spec.get()
+        plan = None
+        if rows is not None and batch_size is not None:
+            plan = self.plan_for(rows, batch_size)
+        return self._plan.set(plan)
+
+    def end_forward(self, token) -> None:
+        self._plan.reset(token)
+
+    def plan_for(self, rows: Spec, batch_size: int) -> RoutingPlan | None:
+        key = (rows, batch_size)
+        plan = self._cache.get(key, _MISSING)
+        if plan is _MISSING:
+            expanded = rows.expand(batch_size)
+            by_name: dict[RowLanes, tuple] = {}
+            for row in expanded:
+                if row not in by_name:
+                    lanes = []
+                    for name, weight in row:
+                        if name not in self.slots:
+                            raise ValueError(f"adapter {name!r} was unloaded while a request still names it")
+                        lanes.append((self.slots[name], weight))
+                    by_name[row] = tuple(sorted(lanes))
+            slotted = tuple(by_name[row] for row in expanded)
+            plan = RoutingPlan(slotted) if any(slotted) else None
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = plan
+        return plan
+
+    def invalidate(self) -> None:
+        """Forget cached plans (slots changed)."""
+        self._cache.clear()
+
+    def current(self, leading_dim: int | None = None) -> RoutingPlan | None:
+        """The plan of the running forward, or one built from a layer's batch dimension when a
+        submodule is called directly inside ``use()``."""
+        plan = self._plan.get()
+        if plan is not None:
+            return plan
+        rows = self._spec.get()
+        if rows is None or leading_dim is None:
+            return None
+        return self.plan_for(rows, leading_dim)
