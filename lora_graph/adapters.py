@@ -16,6 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
+# Full matrices PEFT saves when an embedding or lm_head is targeted (save_embedding_layers).
+_FULL = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\."
     r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$"
@@ -114,6 +117,7 @@ def read_adapter(
     path: str | os.PathLike,
     shapes: dict[str, ModuleShape],
     allow_pickle: bool = False,
+    base_weight: Callable[[str], torch.Tensor | None] = lambda name: None,
 ) -> AdapterWeights:
     """Read and validate a PEFT adapter directory against a model's patchable modules.
 
@@ -121,6 +125,9 @@ def read_adapter(
         path: the directory holding adapter_config.json and adapter_model.safetensors.
         shapes: every patchable module of the model, by its name inside the model.
         allow_pickle: accept a legacy adapter_model.bin (read with ``weights_only=True``).
+        base_weight: the model's own weight of a module, to check the full matrices PEFT saves
+            beside an embedding or lm_head adapter: they must equal the base, since loading them
+            would replace the shared weight.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -130,6 +137,10 @@ def read_adapter(
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
+        full = _FULL.match(key)
+        if full is not None:
+            _check_full_weight(folder, full["module"], tensor, base_weight(full["module"]))
+            continue
         m = _KEY.match(key)
         if m is None:
             raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
@@ -160,6 +171,14 @@ def read_adapter(
     if not modules:
         raise ValueError(f"{folder}: the adapter holds no LoRA weights")
     return AdapterWeights(str(folder), settings, modules)
+
+
+def _check_full_weight(folder, name: str, saved: torch.Tensor, own: torch.Tensor | None) -> None:
+    if own is None or tuple(own.shape) != tuple(saved.shape) or not torch.equal(saved.to(own.dtype), own.detach().cpu()):
+        raise ValueError(
+            f"{folder}: the file holds a full weight for module {name!r} that differs from the model's "
+            "(resized vocabulary or trained embedding); loading it would replace the shared base weight"
+        )
 
 
 def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings) -> ModuleLora:

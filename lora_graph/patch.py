@@ -43,6 +43,13 @@ def patchable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def plain_weight(module: nn.Module | None) -> torch.Tensor | None:
+    """The unquantized weight of an Embedding or Linear, in PEFT's (out, in) / (vocab, dim) layout."""
+    if isinstance(module, (nn.Embedding, nn.Linear)) and type(module.weight) in (torch.Tensor, nn.Parameter):
+        return module.weight
+    return None
+
+
 def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device

@@ -96,7 +96,7 @@ class LoraGraph:
             raise ValueError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
         modules = patch.patchable_modules(self.model)
         shapes = {n: patch.shape_of(m) for n, m in modules.items()}
-        weights = read_adapter(path, shapes, allow_pickle=allow_pickle)
+        weights = read_adapter(path, shapes, allow_pickle=allow_pickle, base_weight=lambda n: patch.plain_weight(modules.get(n)))
         slot = min(set(range(len(self._slots) + 1)) - set(self._slots.values()))
 
         staged = {}
