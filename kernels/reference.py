@@ -21,6 +21,11 @@ from __future__ import annotations
 import torch
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # a no-op .float() still costs a dispatcher call; this path is per layer
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def lora_delta(
     x: torch.Tensor,
     base: torch.Tensor,
@@ -40,7 +45,7 @@ def lora_delta(
         b: ``(D, N, R)`` lora_B of the D used slots, as PEFT stores it.
         bias: ``(D, N)`` lora_B bias of the used slots, or None.
         token: ``(D * M,)`` int64, the token of each lane, grouped by slot.
-        coef: ``(D, M)`` fp32, ``w · s`` of each lane (0 on padding lanes).
+        coef: ``(D, M)`` or ``(D, M, 1)`` fp32, ``w · s`` of each lane (0 on padding lanes).
         identity: the lanes are exactly tokens ``0..T-1`` in order (one slot, one lane per token),
             so no gather or scatter is needed.
 
@@ -63,20 +68,23 @@ def lora_delta(
     num_slots, _, k = a.shape
     n = b.shape[1]
     rows = coef.shape[1]
+    if coef.dim() == 2:
+        coef = coef.unsqueeze(-1)  # (D, M, 1)
     xs = x if identity else x.index_select(0, token)  # (D*M, K)
-    xs = xs.view(num_slots, rows, k).float()  # (D, M, K)
-    h = torch.bmm(xs, a.float().transpose(1, 2))  # (D, M, R)
-    h.mul_(coef.unsqueeze(-1))
-    y = torch.bmm(h, b.float().transpose(1, 2))  # (D, M, N)
-    if bias is not None:
-        y.addcmul_(coef.unsqueeze(-1), bias.float().unsqueeze(1))
-    y = y.view(num_slots * rows, n)  # (D*M, N)
-    out = base.float()
-    if identity:
-        out = out + y
+    h = torch.bmm(_f32(xs).view(num_slots, rows, k), _f32(a).transpose(1, 2))  # (D, M, R)
+    h.mul_(coef)
+    bt = _f32(b).transpose(1, 2)  # (D, R, N)
+    out = _f32(base)
+    if identity and bias is None:
+        # one pass over the output: base + h·Bᵀ
+        out = torch.baddbmm(out.view(1, rows, n), h, bt).view(rows, n)  # (T, N)
     else:
-        out = out.index_add(0, token, y)
-    return out.to(base.dtype)
+        y = torch.bmm(h, bt)  # (D, M, N)
+        if bias is not None:
+            y.addcmul_(coef, _f32(bias).unsqueeze(1))
+        y = y.view(num_slots * rows, n)  # (D*M, N)
+        out = out + y if identity else out.index_add(0, token, y)
+    return out if out.dtype == base.dtype else out.to(base.dtype)
 
 
 def lora_embedding_delta(
@@ -112,8 +120,8 @@ def lora_embedding_delta(
     rows = coef.shape[1]
     lane_ids = ids.index_select(0, token).view(num_slots, 1, rows).expand(num_slots, r, rows)
     h = torch.gather(a, 2, lane_ids).float().transpose(1, 2)  # (D, M, R)
-    h = h * coef.unsqueeze(-1)
-    y = torch.bmm(h, b.float().transpose(1, 2)).view(num_slots * rows, n)  # (D*M, N)
+    h = h * (coef if coef.dim() == 3 else coef.unsqueeze(-1))
+    y = torch.bmm(h, _f32(b).transpose(1, 2)).view(num_slots * rows, n)  # (D*M, N)
     if embed_scale is not None:
         scale = embed_scale.float() if torch.is_tensor(embed_scale) else float(embed_scale)
         y = y * scale

@@ -110,7 +110,7 @@ class AdapterBank:
     def operands(self, slots: tuple[int, ...], weight: torch.Tensor):
         """Factors of ``slots`` and the per-lane coefficient ``w · s`` for a ``(D, M)`` weight grid.
 
-        Returns ``(a (D, R, K), b (D, N, R), bias (D, N) | None, coef (D, M) fp32)``.
+        Returns ``(a (D, R, K), b (D, N, R), bias (D, N) | None, coef (D, M, 1) fp32)``.
         """
         gathered = self._gathered
         if gathered is None or gathered[0] != slots:
@@ -128,6 +128,6 @@ class AdapterBank:
         _, a, b, bias, scale = gathered
         coef = self._coef
         if coef is None or coef[0] is not weight or coef[1] is not scale:
-            coef = (weight, scale, weight * scale.unsqueeze(-1))
+            coef = (weight, scale, (weight * scale.unsqueeze(-1)).unsqueeze(-1))  # (D, M, 1)
             self._coef = coef
         return a, b, bias, coef[2]
