@@ -56,6 +56,13 @@ class AdapterBank:
         n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
+    def to(self, device: torch.device) -> None:
+        """Follow the base module when the model is moved after adapters were loaded."""
+        self.a, self.b = self.a.to(device), self.b.to(device)
+        self.bias = self.bias.to(device) if self.bias is not None else None
+        self.device = device
+        self._changed()
+
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
         """Storage holding ``lora`` in ``slot``; self is not modified."""
         slots = max(self.a.shape[0], slot + 1)

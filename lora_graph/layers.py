@@ -53,6 +53,8 @@ class _LoraModule(nn.Module):
         plan = self.router.current(leading_dim)
         if plan is None or not self.bank.present:
             return None
+        if self.bank.device != device:
+            self.bank.to(device)
         return plan.grid(num_tokens, self.bank.present, device)
 
     def extra_repr(self) -> str:

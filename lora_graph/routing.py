@@ -194,6 +194,11 @@ class Router:
         self._plan: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_plan_{id(self)}", default=None)
         self._cache: dict = {}
 
+    def __deepcopy__(self, memo):
+        raise TypeError(
+            "a model wrapped by lora_graph cannot be deep-copied; copy it before wrap() or after unwrap()"
+        )
+
     def set_spec(self, rows):
         return self._spec.set(rows)
 

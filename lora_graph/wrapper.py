@@ -212,6 +212,9 @@ class LoraGraph:
             raise RuntimeError("this wrapper was unwrapped; call lora_graph.wrap(model) again")
 
     # -- conveniences -----------------------------------------------------------------------
+    def __deepcopy__(self, memo):
+        return self.router.__deepcopy__(memo)
+
     def __getattr__(self, name: str):
         # Delegate the rest (config, device, ...) to the model, so the wrapper reads like it.
         if name.startswith("_") or name == "model":
