@@ -1,0 +1,435 @@
+"""Triton LoRA kernels against the torch reference, in Triton's interpreter on CPU tensors.
+
+Rule for every comparison (flash-attention's): ``max|kernel − ref32| ≤ 2·max|torch_same_dtype − ref32| + atol``,
+where ref32 is kernels/reference.py on fp32 copies of the inputs and torch_same_dtype the same
+reference on the inputs as given. The sweep is a representative cross-product of dtypes, ranks,
+odd sizes, token counts, adapter popularity, weighted multi-lane tokens, negative weights and
+LoRA bias; the slots past a slot's rank hold NaN on the kernel side, so a kernel that reads them fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lora_graph.kernels import reference
+from lora_graph.kernels.lanes import build_lanes
+from lora_graph.kernels.shrink import is_interpreted
+from lora_graph.kernels.triton_ops import lora_delta, lora_embedding_delta, lora_expand, lora_shrink
+
+ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_run_interpreted():
+    assert is_interpreted(), "lora_graph.kernels was imported before TRITON_INTERPRET=1 was set"
+
+
+# ---------------------------------------------------------------------------------------------
+# lanes
+
+
+def make_lanes(num_tokens: int, num_slots: int, popularity: str, multi: int, gen: torch.Generator):
+    """Per-lane arrays: one lane per token drawn by ``popularity``, plus weighted sets of up to
+    ``multi`` lanes on every third token (distinct slots, weights of both signs)."""
+    t = torch.arange(num_tokens)
+    if popularity == "identical":
+        slot = torch.full((num_tokens,), num_slots - 1)
+    elif popularity == "distinct":
+        slot = t % num_slots
+    elif popularity == "uniform":
+        slot = torch.randint(0, num_slots, (num_tokens,), generator=gen)
+    elif popularity == "zipf":
+        p = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.2
+        slot = torch.multinomial(p, num_tokens, replacement=True, generator=gen)
+    elif popularity == "skewed":
+        slot = torch.where(torch.rand(num_tokens, generator=gen) < 0.9, 0,
+                           torch.randint(0, num_slots, (num_tokens,), generator=gen))
+    else:
+        raise ValueError(popularity)
+    slot = torch.where(torch.rand(num_tokens, generator=gen) < 0.15, -1, slot)  # rows with no adapter
+    weight = torch.ones(num_tokens)
+    tokens, slots, weights = [t], [slot], [weight]
+    if multi > 1:
+        wset = t[::3]
+        first = torch.randint(0, num_slots, (wset.numel(),), generator=gen)
+        for j in range(multi):
+            tokens.append(wset)
+            slots.append((first + j) % num_slots)
+            weights.append(torch.randn(wset.numel(), generator=gen))  # negative weights too
+        # these tokens use the weighted set only
+        slot[wset] = -1
+    return torch.cat(tokens), torch.cat(slots), torch.cat(weights)
+
+
+def test_lanes_layout_small():
+    tok = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5])
+    slot = torch.tensor([2, 0, 2, -1, 1, 2, 0, 2, 2])
+    w = torch.tensor([1.0, 0.5, 0.5, 1, 1, 2, -1, 0, 1])
+    lanes = build_lanes(tok, slot, w, num_slots=3, block_m=16)
+    # pass 0: (1,s0) (3,s1) (0,s2) (5,s2); pass 1: (1,s2) (3,s2); pass 2: (3,s0); dropped: 2 (slot -1), 4 (weight 0)
+    assert lanes.token[:7].tolist() == [1, 3, 0, 5, 1, 3, 3]
+    assert lanes.weight[:7].tolist() == [0.5, 1.0, 1.0, 1.0, 0.5, 2.0, -1.0]
+    assert lanes.chunk_slot.tolist() == [[0, 1, 2, -1], [2, -1, -1, -1], [0, -1, -1, -1]]
+    assert lanes.chunk_start[:, 0].tolist() == [0, 4, 6]
+    assert lanes.chunk_end[0, :3].tolist() == [1, 2, 4]
+
+
+@pytest.mark.parametrize("popularity", ["identical", "distinct", "uniform", "zipf", "skewed"])
+@pytest.mark.parametrize("num_tokens,multi", [(1, 1), (7, 3), (300, 2)])
+def test_lanes_cover_each_lane_once(popularity, num_tokens, multi):
+    gen = torch.Generator().manual_seed(num_tokens)
+    tok, slot, w = make_lanes(num_tokens, 5, popularity, multi, gen)
+    lanes = build_lanes(tok, slot, w, num_slots=5, num_tokens=num_tokens, block_m=16)
+    seen = []
+    for p in range(lanes.num_passes):
+        tokens_in_pass = []
+        for s, start, end in zip(*(t[p].tolist() for t in (lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end))):
+            if s < 0:
+                continue
+            assert 0 < end - start <= lanes.block_m
+            for l in range(start, end):
+                seen.append((lanes.token[l].item(), s, lanes.weight[l].item()))
+                tokens_in_pass.append(lanes.token[l].item())
+        assert len(tokens_in_pass) == len(set(tokens_in_pass)), "a token twice in one pass"
+    keep = (slot >= 0) & (w != 0)
+    expected = sorted(zip(tok[keep].tolist(), slot[keep].tolist(), w[keep].tolist()))
+    assert sorted(seen) == expected
+    assert lanes.num_passes == max(multi, 1)
+
+
+def test_build_lanes_reads_no_device_value(monkeypatch):
+    """With ``passes`` given, the builder never pulls a value to the host (no sync on GPU)."""
+    gen = torch.Generator().manual_seed(0)
+    tok, slot, w = make_lanes(64, 8, "zipf", 2, gen)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("build_lanes read a device value")
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "bincount", refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    monkeypatch.setattr(torch, "unique", refuse)
+    lanes = build_lanes(tok, slot, w, num_slots=8, passes=2, num_tokens=64)
+    monkeypatch.undo()
+    assert lanes.chunk_slot.shape == (2, 4 + 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers: bank, reference through the (D, M) grid, tolerance rule
+
+
+def make_bank(num_slots, r, k, n, ranks, dtype, bias: bool, gen):
+    """A bank as AdapterBank keeps it (zeros past each slot's rank), and the same bank with NaN
+    there for the kernels: they must never read past a slot's rank."""
+    rank = torch.tensor([ranks[s % len(ranks)] for s in range(num_slots)], dtype=torch.int32)
+    a = torch.randn(num_slots, r, k, generator=gen) / k**0.5
+    b = torch.randn(num_slots, n, r, generator=gen) / r**0.5
+    past = torch.arange(r)[None, :] >= rank[:, None]  # (S, R)
+    a[past] = 0.0
+    b.transpose(1, 2)[past] = 0.0
+    a_nan, b_nan = a.clone(), b.clone()
+    a_nan[past] = float("nan")
+    b_nan.transpose(1, 2)[past] = float("nan")
+    bias_t = torch.randn(num_slots, n, generator=gen) if bias else None
+    scale = torch.rand(num_slots, generator=gen) * 2 + 0.25
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(a), cast(b), cast(bias_t), scale, rank, cast(a_nan), cast(b_nan)
+
+
+def grid_from_lanes(tok, slot, w, scale):
+    """The torch path's padded (D, M) grid for per-lane arrays: (slots, token (D*M,), coef (D, M))."""
+    keep = (slot >= 0) & (w != 0)
+    slots = sorted(set(slot[keep].tolist()))
+    rows = [torch.nonzero(keep & (slot == s)).flatten() for s in slots]
+    width = max((len(r) for r in rows), default=0)
+    token = torch.zeros(len(slots), width, dtype=torch.int64)
+    coef = torch.zeros(len(slots), width, dtype=torch.float32)
+    for d, (s, r) in enumerate(zip(slots, rows)):
+        token[d, : len(r)] = tok[r]
+        coef[d, : len(r)] = w[r] * scale[s]
+    return torch.tensor(slots, dtype=torch.int64), token.flatten(), coef
+
+
+def reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32: bool):
+    idx, token, coef = grid_from_lanes(tok, slot, w, scale)
+    if fp32:
+        x, base, a, b = x.float(), base.float(), a.float(), b.float()
+        bias = None if bias is None else bias.float()
+    if idx.numel() == 0:
+        return base.clone()
+    bias_d = None if bias is None else bias[idx]
+    return reference.lora_delta(x, base, a[idx], b[idx], bias_d, token, coef)
+
+
+def assert_rule(out, ref32, same, atol):
+    assert out.dtype == same.dtype and out.shape == same.shape
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref32).abs().max().item()
+    bound = 2 * (same.float() - ref32).abs().max().item() + atol
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_delta sweep
+
+B16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+MIXED = (1, 4, 16, 64)
+# (T, K, N, x/base dtype, adapter dtype, ranks, S, popularity, lanes per weighted set, lora bias)
+CASES = [
+    (1, 129, 1000, F32, F32, (16,), 4, "identical", 1, False),
+    (1, 1000, 129, B16, B16, (4,), 3, "uniform", 3, True),
+    (7, 129, 129, F16, F16, (4,), 8, "distinct", 1, False),
+    (7, 1000, 129, F32, B16, MIXED, 4, "uniform", 3, True),
+    (7, 129, 1000, B16, B16, (64,), 3, "skewed", 2, False),
+    (64, 1000, 129, B16, B16, (64,), 5, "uniform", 1, False),
+    (64, 129, 129, F16, B16, (1,), 6, "skewed", 1, True),
+    (64, 129, 129, F16, F16, MIXED, 64, "distinct", 2, False),
+    (64, 129, 1000, F32, F32, (16,), 4, "zipf", 2, True),
+    (300, 129, 129, B16, F32, MIXED, 8, "zipf", 2, True),
+    (300, 129, 129, F16, F16, (16,), 4, "uniform", 1, False),
+    (300, 129, 129, F32, F32, (4,), 6, "skewed", 3, False),
+    (300, 129, 129, B16, B16, (1,), 2, "identical", 1, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}-K{}-N{}-{}-{}-r{}-S{}-{}-m{}{}".format(
+    c[0], c[1], c[2], str(c[3])[6:], str(c[4])[6:], "mix" if len(c[5]) > 1 else c[5][0], c[6], c[7], c[8],
+    "-bias" if c[9] else ""))
+def test_lora_delta(case):
+    t, k, n, dtype, adapter_dtype, ranks, num_slots, popularity, multi, bias = case
+    gen = torch.Generator().manual_seed(CASES.index(case))
+    r = max(ranks)
+    a, b, bias_t, scale, rank, a_nan, b_nan = make_bank(num_slots, r, k, n, ranks, adapter_dtype, bias, gen)
+    x = torch.randn(t, k, generator=gen).to(dtype)
+    base = torch.randn(t, n, generator=gen).to(dtype)
+    tok, slot, w = make_lanes(t, num_slots, popularity, multi, gen)
+    lanes = build_lanes(tok, slot, w, num_slots, passes=multi, num_tokens=t)
+
+    out = lora_delta(x, base, a_nan, b_nan, bias_t, scale, rank, lanes)
+
+    ref32 = reference_delta(x, base, a, b, bias_t, scale, tok, slot, w, fp32=True)
+    same = reference_delta(x, base, a, b, bias_t, scale, tok, slot, w, fp32=False)
+    assert_rule(out, ref32, same, ATOL[dtype])
+    untouched = torch.ones(t, dtype=torch.bool)
+    untouched[tok[(slot >= 0) & (w != 0)]] = False
+    assert torch.equal(out[untouched], base[untouched]), "a token with no adapter must get base exactly"
+
+
+@pytest.mark.parametrize("split_k", [2, 5])
+def test_lora_delta_split_k(split_k):
+    gen = torch.Generator().manual_seed(split_k)
+    a, b, bias, scale, rank, a_nan, b_nan = make_bank(4, 16, 1000, 129, (4, 16), F16, True, gen)
+    x = torch.randn(7, 1000, generator=gen).to(F16)
+    base = torch.randn(7, 129, generator=gen).to(F16)
+    tok, slot, w = make_lanes(7, 4, "uniform", 2, gen)
+    lanes = build_lanes(tok, slot, w, 4, passes=2)
+    out = lora_delta(x, base, a_nan, b_nan, bias, scale, rank.long(), lanes, split_k=split_k)  # int64 ranks too
+    ref32 = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=True)
+    same = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=False)
+    assert_rule(out, ref32, same, ATOL[F16])
+
+
+def test_lora_delta_no_lanes_returns_base():
+    gen = torch.Generator().manual_seed(0)
+    a, b, _, scale, rank, _, _ = make_bank(2, 4, 129, 129, (4,), B16, False, gen)
+    x = torch.randn(5, 129).to(B16)
+    base = torch.randn(5, 129).to(B16)
+    lanes = build_lanes(torch.arange(5), torch.full((5,), -1), torch.ones(5), 2, passes=1)
+    out = lora_delta(x, base, a, b, None, scale, rank, lanes)
+    assert torch.equal(out, base) and out.data_ptr() != base.data_ptr()
+
+
+@pytest.mark.parametrize("dtype,multi", [(B16, 1), (B16, 3), (F32, 2)])
+def test_inplace_matches_functional(dtype, multi):
+    gen = torch.Generator().manual_seed(7)
+    a, b, bias, scale, rank, _, _ = make_bank(4, 16, 129, 129, (16, 4), dtype, True, gen)
+    x = torch.randn(64, 129, generator=gen).to(dtype)
+    base = torch.randn(64, 129, generator=gen).to(dtype)
+    tok, slot, w = make_lanes(64, 4, "uniform", multi, gen)
+    lanes = build_lanes(tok, slot, w, 4, passes=multi)
+    expected = lora_delta(x, base, a, b, bias, scale, rank, lanes)
+    target = base.clone()
+    out = lora_delta(x, target, a, b, bias, scale, rank, lanes, inplace=True)
+    assert out is target and torch.equal(target, expected)
+    h = lora_shrink(x, a, rank, lanes)
+    target = base.clone()
+    assert lora_expand(h[0], target, b, bias, scale, rank, lanes, inplace=True) is target
+    assert torch.equal(target, expected)
+
+
+def test_weighted_set_equals_sum_of_single_adapters():
+    """A token's weighted set adds up exactly like the same lanes sent one adapter at a time."""
+    gen = torch.Generator().manual_seed(3)
+    a, b, bias, scale, rank, _, _ = make_bank(3, 16, 129, 129, (16, 4, 1), F32, True, gen)
+    x = torch.randn(4, 129, generator=gen)
+    base = torch.randn(4, 129, generator=gen)
+    tok = torch.tensor([0, 0, 0, 2, 2])
+    slot = torch.tensor([0, 1, 2, 1, 0])
+    w = torch.tensor([0.7, -1.3, 2.0, 1.0, -0.5])
+    out = lora_delta(x, base, a, b, bias, scale, rank, build_lanes(tok, slot, w, 3, passes=3))
+    expected = base.clone()
+    for i in range(5):
+        one = build_lanes(tok[i:i + 1], slot[i:i + 1], w[i:i + 1], 3, passes=1)
+        expected += lora_delta(x, torch.zeros_like(base), a, b, bias, scale, rank, one)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[[1, 3]], base[[1, 3]])
+
+
+# ---------------------------------------------------------------------------------------------
+# fused shrink, embedding
+
+
+def test_fused_shrink_of_sibling_banks():
+    """q/k/v: three banks with their own R, ranks and N, one shrink launch, one expand each."""
+    gen = torch.Generator().manual_seed(5)
+    t, k, num_slots = 64, 129, 4
+    x = torch.randn(t, k, generator=gen).to(B16)
+    tok, slot, w = make_lanes(t, num_slots, "zipf", 2, gen)
+    lanes = build_lanes(tok, slot, w, num_slots, passes=2)
+    banks = [make_bank(num_slots, r, k, n, ranks, B16, bias, gen)
+             for r, n, ranks, bias in [(16, 129, (16, 8), True), (64, 100, (64, 1, 4), False), (4, 129, (4,), False)]]
+    h = lora_shrink(x, [bk[5] for bk in banks], [bk[4] for bk in banks], lanes, split_k=2)
+    assert h.shape == (3, 2, tok.numel(), 64)
+    for g, (a, b, bias, scale, rank, a_nan, b_nan) in enumerate(banks):
+        base = torch.randn(t, b.shape[1], generator=gen).to(B16)
+        out = lora_expand(h[g], base, b_nan, bias, scale, rank, lanes)
+        ref32 = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=True)
+        same = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=False)
+        assert_rule(out, ref32, same, ATOL[B16])
+
+
+@pytest.mark.parametrize("dtype,embed_scale", [(F32, None), (B16, "tensor"), (F16, 1.5)])
+def test_lora_embedding_delta(dtype, embed_scale):
+    gen = torch.Generator().manual_seed(11)
+    t, vocab, n, num_slots = 64, 1000, 129, 5
+    a, b, _, scale, rank, a_nan, b_nan = make_bank(num_slots, 16, vocab, n, (16, 4, 1), dtype, False, gen)
+    a, a_nan = a * vocab**0.5, a_nan * vocab**0.5  # embedding A columns are O(1)
+    ids = torch.randint(0, vocab, (t,), generator=gen)
+    base = torch.randn(t, n, generator=gen).to(dtype)
+    tok, slot, w = make_lanes(t, num_slots, "uniform", 2, gen)
+    lanes = build_lanes(tok, slot, w, num_slots, passes=2)
+    es = torch.tensor(8.0, dtype=dtype) if embed_scale == "tensor" else embed_scale
+    out = lora_embedding_delta(ids, base, a_nan, b_nan, scale, rank, lanes, embed_scale=es)
+
+    idx, token, coef = grid_from_lanes(tok, slot, w, scale)
+    ref32 = reference.lora_embedding_delta(ids, base.float(), a[idx].float(), b[idx].float(), token, coef, es)
+    same = reference.lora_embedding_delta(ids, base, a[idx], b[idx], token, coef, es)
+    assert_rule(out, ref32, same, ATOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration, argument checks, launching without a GPU
+
+
+def test_ops_are_registered_and_compile_as_one_op():
+    gen = torch.Generator().manual_seed(2)
+    a, b, bias, scale, rank, _, _ = make_bank(3, 16, 129, 129, (16, 4), F32, True, gen)
+    x = torch.randn(7, 129, generator=gen)
+    base = torch.randn(7, 129, generator=gen)
+    tok, slot, w = make_lanes(7, 3, "uniform", 1, gen)
+    lanes = build_lanes(tok, slot, w, 3, passes=1)
+    args = (x, base, a, b, bias, scale, rank, *lanes[:5], lanes.block_m, 1)
+    torch.library.opcheck(torch.ops.lora_graph.lora_delta.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda *t: lora_delta(*t, lanes), backend=backend, fullgraph=True)
+    out = compiled(x, base, a, b, bias, scale, rank)
+    torch.testing.assert_close(out, lora_delta(x, base, a, b, bias, scale, rank, lanes))
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert targets == [torch.ops.lora_graph.lora_delta.default]
+
+    def add_into(x, base, a, b, bias, scale, rank):
+        out = base * 1.0
+        return lora_delta(x, out, a, b, bias, scale, rank, lanes, inplace=True)
+
+    compiled = torch.compile(add_into, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, base, a, b, bias, scale, rank), out)
+
+
+def test_argument_checks():
+    gen = torch.Generator().manual_seed(0)
+    a, b, _, scale, rank, _, _ = make_bank(2, 4, 129, 129, (4,), F32, False, gen)
+    x, base = torch.randn(3, 129), torch.randn(3, 129)
+    lanes = build_lanes(torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), 2, passes=1)
+    with pytest.raises(ValueError, match="rank"):
+        lora_delta(x, base, a, b, None, scale, rank.float(), lanes)
+    with pytest.raises(ValueError, match="A bank"):
+        lora_delta(x[:, :100], base, a, b, None, scale, rank, lanes)
+    with pytest.raises(ValueError, match="scale"):
+        lora_delta(x, base, a, b, None, scale[:1], rank, lanes)
+    with pytest.raises(ValueError, match="1 to 3"):
+        lora_shrink(x, [a] * 4, [rank] * 4, lanes)
+    with pytest.raises(ValueError, match="block_m"):
+        build_lanes(torch.arange(3), torch.zeros(3), torch.ones(3), 2, block_m=8)
+
+
+def _run_clean(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_tensors_without_interpreter_raise_clearly():
+    proc = _run_clean("""
+        import torch
+        from lora_graph.kernels.lanes import build_lanes
+        from lora_graph.kernels.triton_ops import lora_delta
+        lanes = build_lanes(torch.arange(2), torch.zeros(2, dtype=torch.int64), torch.ones(2), 1, passes=1)
+        try:
+            lora_delta(torch.randn(2, 16), torch.randn(2, 16), torch.randn(1, 4, 16), torch.randn(1, 16, 4),
+                       None, torch.ones(1), torch.full((1,), 4), lanes)
+        except RuntimeError as e:
+            print("RAISED:", e)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert "RAISED:" in proc.stdout and "need GPU tensors" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler does: compile every kernel for an H100
+    (sm_90) with Triton's bundled ptxas, for each dtype path, without a GPU."""
+    proc = _run_clean("""
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from lora_graph.kernels import expand, shrink
+
+        def compile(kernel, ptrs, consts):
+            sig = {}
+            for name in kernel.arg_names:
+                sig[name] = "constexpr" if name in consts else "*" + ptrs[name] if name.endswith("_ptr") else "i32"
+            triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+        idx = dict(token_ptr="i32", chunk_slot_ptr="i32", chunk_start_ptr="i32", chunk_end_ptr="i32")
+        for x, a, dot in [("bf16", "bf16", tl.bfloat16), ("fp16", "fp16", tl.float16), ("fp32", "bf16", tl.float32)]:
+            ptrs = dict(idx, x_ptr=x, a0_ptr=a, a1_ptr=a, a2_ptr=a, rank0_ptr="i32", rank1_ptr="i32",
+                        rank2_ptr="i32", h_ptr="fp32")
+            compile(shrink._shrink_kernel, ptrs, dict(NUM_BANKS=3, R_BLOCKS=4, SPLIT_K=2, DOT_DTYPE=dot, BLOCK_M=16, BLOCK_R=16,
+                                                     BLOCK_K=128, stride_xk=1, stride_a0k=1, stride_hr=1))
+        for out, b, split, bias, rank in [("bf16", "bf16", 1, True, "i32"), ("fp32", "fp16", 4, False, "i64")]:
+            ptrs = dict(idx, h_ptr="fp32", b_ptr=b, bias_ptr=b, scale_ptr="fp32", rank_ptr=rank, out_ptr=out,
+                        weight_ptr="fp32")
+            compile(expand._expand_kernel, ptrs, dict(SPLIT_K=split, HAS_BIAS=bias, BLOCK_M=64, BLOCK_N=64,
+                                                     BLOCK_R=16, stride_hr=1, stride_on=1))
+        ptrs = dict(idx, ids_ptr="i64", a_ptr="bf16", rank_ptr="i32", h_ptr="fp32")
+        compile(shrink._embedding_shrink_kernel, ptrs, dict(BLOCK_M=16, BLOCK_R=16, stride_av=1, stride_hr=1))
+        print("COMPILED")
+    """)
+    assert "COMPILED" in proc.stdout, proc.stderr[-3000:]
