@@ -22,7 +22,7 @@ def wrap(model: torch.nn.Module, backend: str = "auto", adapter_dtype: torch.dty
     Args:
         model: a Hugging Face model (or any ``nn.Module`` with Linear / Conv1D / Embedding layers).
             Its parameters and buffers are never modified.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"`` (triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
         adapter_dtype: dtype the LoRA factors are stored in. The branch always accumulates in fp32;
             the default fp32 storage matches PEFT's default numerics.
     """

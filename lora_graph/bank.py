@@ -47,6 +47,9 @@ class AdapterBank:
         self.rank: dict[int, int] = {}
         self.with_bias: frozenset[int] = frozenset()
         self.present: frozenset[int] = frozenset()
+        # per-slot device tables for the kernels; absent slots hold stale values no lane points at
+        self.scale_t = torch.zeros(0, dtype=torch.float32, device=device)
+        self.rank_t = torch.zeros(0, dtype=torch.int32, device=device)
         self.version = 0
         self._gathered: tuple | None = None
         self._coef: tuple | None = None
@@ -60,6 +63,7 @@ class AdapterBank:
         """Follow the base module when the model is moved after adapters were loaded."""
         self.a, self.b = self.a.to(device), self.b.to(device)
         self.bias = self.bias.to(device) if self.bias is not None else None
+        self.scale_t, self.rank_t = self.scale_t.to(device), self.rank_t.to(device)
         self.device = device
         self._changed()
 
@@ -96,6 +100,9 @@ class AdapterBank:
         self.a, self.b, self.bias = a, b, bias
         self.scale[s] = lora.scale
         self.rank[s] = lora.rank
+        slots = a.shape[0]
+        self.scale_t = torch.tensor([self.scale.get(i, 0.0) for i in range(slots)], dtype=torch.float32, device=self.device)
+        self.rank_t = torch.tensor([self.rank.get(i, 0) for i in range(slots)], dtype=torch.int32, device=self.device)
         self.present = self.present | {s}
         self.with_bias = self.with_bias | {s} if lora.bias is not None else self.with_bias - {s}
         self._changed()

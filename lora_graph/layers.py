@@ -49,13 +49,20 @@ class _LoraModule(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def _grid(self, num_tokens: int, leading_dim: int | None, device: torch.device):
+    def _route(self, num_tokens: int, leading_dim: int | None, device: torch.device):
+        """The routing grid (and, for triton, lane layout) of this forward for this module's slots."""
         plan = self.router.current(leading_dim)
         if plan is None or not self.bank.present:
-            return None
+            return None, None
         if self.bank.device != device:
             self.bank.to(device)
-        return plan.grid(num_tokens, self.bank.present, device)
+        grid = plan.grid(num_tokens, self.bank.present, device)
+        if grid is None or self.backend != "triton":
+            return grid, None
+        num_slots = self.bank.a.shape[0]
+        lanes = plan.cached(("lanes", num_tokens, self.bank.present, device, num_slots),
+                            lambda: ops.build_lanes(grid, num_slots, plan.max_lanes, num_tokens))
+        return grid, lanes
 
     def extra_repr(self) -> str:
         return f"slots={sorted(self.bank.present)}, backend={self.backend!r}"
@@ -66,13 +73,12 @@ class LoraLinear(_LoraModule):
         out = self.base_layer(x, *args, **kwargs)
         k = x.shape[-1]
         num_tokens = x.numel() // k if k else 0
-        grid = self._grid(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
+        grid, lanes = self._route(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
         if grid is None:
             return out
-        a, b, bias, coef = self.bank.operands(grid.slots, grid.weight)
         y = ops.lora_delta(
             self.backend, x.reshape(num_tokens, k), out.reshape(num_tokens, -1),  # (T, K), (T, N)
-            a, b, bias, grid.token, coef, grid.identity,
+            self.bank, grid, lanes,
         )
         return y.view(out.shape)
 
@@ -81,13 +87,12 @@ class LoraEmbedding(_LoraModule):
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(ids, *args, **kwargs)
         num_tokens = ids.numel()
-        grid = self._grid(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
+        grid, lanes = self._route(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
         if grid is None:
             return out
-        a, b, _, coef = self.bank.operands(grid.slots, grid.weight)
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         y = ops.lora_embedding_delta(
             self.backend, ids.reshape(num_tokens), out.reshape(num_tokens, -1),  # (T,), (T, N)
-            a, b, grid.token, coef, embed_scale,
+            self.bank, grid, lanes, embed_scale,
         )
         return y.view(out.shape)

@@ -2,26 +2,73 @@
 
 ``torch`` runs kernels/reference.py: grouped by slot, two ``bmm``s per layer whatever the number of
 distinct adapters. It is the CPU path and the specification the Triton kernels are tested against.
+
+``triton`` runs kernels/triton_ops.py: grouped-GEMM kernels that read the whole bank, loop each
+slot to its real rank and compute every adapter of the batch in one launch per projection. They
+need CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, which is how CI checks them).
+
+``auto`` picks ``triton`` for a model on CUDA when triton is installed, and ``torch`` otherwise.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from .kernels import reference
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str) -> str:
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend a model on ``device`` runs with; raises a clear error when it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if backend == "triton":
+        if not _triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install 'lora_graph[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' needs a CUDA model (this one is on {device.type}); use backend='torch' "
+                "or 'auto' here, or set TRITON_INTERPRET=1 before triton is imported to run the kernels "
+                "in Triton's interpreter"
+            )
+    return backend
 
 
-def lora_delta(backend: str, x, base, a, b, bias, token, coef, identity: bool) -> torch.Tensor:
-    return reference.lora_delta(x, base, a, b, bias, token, coef, identity)
+def _triton():
+    from .kernels import triton_ops
+
+    return triton_ops
 
 
-def lora_embedding_delta(backend: str, ids, base, a, b, token, coef, embed_scale) -> torch.Tensor:
-    return reference.lora_embedding_delta(ids, base, a, b, token, coef, embed_scale)
+def lora_delta(backend: str, x, base, bank, grid, lanes) -> torch.Tensor:
+    """``base + Σ w·s·(B(Ax) + b)`` over the grid's lanes, in ``base.dtype``."""
+    if backend == "triton":
+        bias = bank.bias if bank.with_bias.intersection(grid.slots) else None
+        return _triton().lora_delta(x, base, bank.a, bank.b, bias, bank.scale_t, bank.rank_t, lanes, inplace=True)
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
+    return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity)
+
+
+def lora_embedding_delta(backend: str, ids, base, bank, grid, lanes, embed_scale) -> torch.Tensor:
+    if backend == "triton":
+        return _triton().lora_embedding_delta(ids, base, bank.a, bank.b, bank.scale_t, bank.rank_t, lanes, embed_scale)
+    a, b, _, coef = bank.operands(grid.slots, grid.weight)
+    return reference.lora_embedding_delta(ids, base, a, b, grid.token, coef, embed_scale)
+
+
+def build_lanes(grid, num_slots: int, passes: int, num_tokens: int):
+    """The kernels' lane layout of a routing grid (padding lanes have weight 0 and are dropped)."""
+    m = grid.weight.shape[1]
+    slots = torch.tensor(grid.slots, dtype=torch.int64, device=grid.token.device).repeat_interleave(m)  # (D*M,)
+    return _triton().build_lanes(grid.token, slots, grid.weight.reshape(-1), num_slots,
+                                 passes=passes, num_tokens=num_tokens)

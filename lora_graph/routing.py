@@ -132,6 +132,19 @@ class RoutingPlan:
     def slots(self) -> frozenset[int]:
         return frozenset(s for row in self.rows for s, _ in row)
 
+    @property
+    def max_lanes(self) -> int:
+        """The most adapters any row uses (the size of the largest weighted set)."""
+        return max(len(row) for row in self.rows)
+
+    def cached(self, key, build):
+        """Anything derived from the plan once per forward and shared by the layers (lane layouts)."""
+        try:
+            return self._grids[key]
+        except KeyError:
+            value = self._grids[key] = build()
+            return value
+
     def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
         """The grid for a layer that sees ``num_tokens`` tokens and holds the slots ``present``.
 

@@ -62,7 +62,7 @@ class LoraGraph:
         if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
             raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
         self.model = model
-        self.backend = ops.resolve_backend(backend)
+        self.backend = ops.resolve_backend(backend, patch.module_device(model))
         self.adapter_dtype = adapter_dtype
         self._slots: dict[str, int] = {}
         self._infos: dict[str, AdapterInfo] = {}
