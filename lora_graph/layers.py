@@ -70,7 +70,12 @@ class _LoraModule(nn.Module):
 
 class LoraLinear(_LoraModule):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
+        return self._branch(x, self.base_layer(x, *args, **kwargs))
+
+    # Routing is Python data that changes with every request. Under torch.compile it stays outside
+    # the graph, so new adapters, weights or mixtures never trigger a recompilation.
+    @torch.compiler.disable
+    def _branch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         num_tokens = x.numel() // k if k else 0
         grid, lanes = self._route(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
@@ -85,7 +90,10 @@ class LoraLinear(_LoraModule):
 
 class LoraEmbedding(_LoraModule):
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(ids, *args, **kwargs)
+        return self._branch(ids, self.base_layer(ids, *args, **kwargs))
+
+    @torch.compiler.disable
+    def _branch(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         num_tokens = ids.numel()
         grid, lanes = self._route(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
         if grid is None:

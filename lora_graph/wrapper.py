@@ -180,12 +180,14 @@ class LoraGraph:
         with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names):
             return self.model.generate(*args, **kwargs)
 
+    @torch.compiler.disable
     def _pre_forward(self, module, args, kwargs):
         stack = getattr(self._tokens, "stack", None)
         if stack is None:
             stack = self._tokens.stack = []
         stack.append(self.router.begin_forward(patch.batch_size_of(args, kwargs)))
 
+    @torch.compiler.disable
     def _post_forward(self, module, args, output):
         stack = getattr(self._tokens, "stack", None)
         if stack:
