@@ -115,3 +115,69 @@ def adapter_dir(tmp_path, name: str) -> str:
     path = os.path.join(str(tmp_path), name)
     os.makedirs(path, exist_ok=True)
     return path
+
+
+# -- additions: variants of the tiny models and edits of saved adapters ------------------------------
+
+
+def tiny_model_with(arch: str, seed: int = 0, **config_overrides):
+    """Like :func:`tiny_model`, with some config fields changed (another hidden size, more layers, ...)."""
+    make_config, cls, _, _ = ARCHS[arch]
+    config = make_config()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def copy_adapter(src: str, dst: str) -> str:
+    """A copy of a saved adapter directory, to be edited."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_adapter_config(path: str, **changes) -> str:
+    """Rewrite fields of ``path``/adapter_config.json in place (key order kept)."""
+    import json
+
+    cfg_path = os.path.join(path, "adapter_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def edit_adapter_tensors(path: str, edit) -> str:
+    """Rewrite ``path``/adapter_model.safetensors as ``edit(tensors)`` (a dict of tensors, edited or returned)."""
+    from safetensors.torch import load_file, save_file
+
+    st_path = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(st_path)
+    result = edit(tensors)
+    save_file(result if result is not None else tensors, st_path)
+    return path
+
+
+def peft_lora_modules(peft_model, adapter: str | None = None) -> set[str]:
+    """Names, inside the base model, of the modules where PEFT placed LoRA (for ``adapter`` if given)."""
+    found = set()
+    for name, module in peft_model.base_model.model.named_modules():
+        factors = getattr(module, "lora_A", None) or {}
+        emb = getattr(module, "lora_embedding_A", None) or {}
+        if (adapter is None and (len(factors) or len(emb))) or (adapter in factors or adapter in emb):
+            found.add(name)
+    return found
+
+
+def peft_scales(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
+    """``{module name: (rank, scaling)}`` that PEFT resolved for ``adapter``."""
+    out = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and adapter in scaling:
+            out[name] = (module.r[adapter], scaling[adapter])
+    return out

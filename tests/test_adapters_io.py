@@ -1,0 +1,135 @@
+"""Reading adapter files: safetensors, the legacy pickle ``.bin``, and what ``lm.adapters`` reports.
+
+A ``.bin`` is pickle, which can run code when read: it is refused unless the caller passes
+``allow_pickle=True``, and even then it is read with ``weights_only=True``. The ``.bin`` here is
+written by PEFT itself (``save_pretrained(safe_serialization=False)``) from the same adapter as a
+safetensors file, so the two must load to identical outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import lora_graph
+from helpers import VOCAB, copy_adapter, peft_lora_modules, peft_oracle, save_adapter, targets, tiny_model
+
+IDS = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same adapter as adapter_model.safetensors and as adapter_model.bin."""
+    model = tiny_model("llama")
+    root = tmp_path_factory.mktemp("io")
+    st = save_adapter(model, str(root / "st"), target_modules=targets("llama"), r=4, lora_alpha=8, lora_bias=True,
+                      rank_pattern={"v_proj": 2})
+    pt = str(root / "pt")
+    PeftModel.from_pretrained(tiny_model("llama"), st).save_pretrained(pt, safe_serialization=False)
+    assert os.path.isfile(os.path.join(pt, "adapter_model.bin"))
+    assert not os.path.exists(os.path.join(pt, "adapter_model.safetensors"))
+    return st, pt
+
+
+def test_bin_refused_without_allow_pickle(pair):
+    _, pt = pair
+    lm = lora_graph.wrap(tiny_model("llama"))
+    with pytest.raises(ValueError) as exc_info:
+        lm.load_adapter("a", pt)
+    msg = str(exc_info.value)
+    assert "allow_pickle=True" in msg and "adapter_model.bin" in msg, msg
+    assert len(lm.adapters) == 0
+
+
+def test_bin_with_allow_pickle_equals_safetensors(pair):
+    st, pt = pair
+    model = tiny_model("llama")
+    oracle = peft_oracle(model, {"a": st})
+    lm = lora_graph.wrap(model)
+    info_st = lm.load_adapter("st", st)
+    info_pt = lm.load_adapter("pt", pt, allow_pickle=True)
+    with torch.no_grad():
+        out_st = lm(input_ids=IDS, adapters="st").logits
+        out_pt = lm(input_ids=IDS, adapters="pt").logits
+        expected = oracle(input_ids=IDS).logits
+        base = lm(input_ids=IDS).logits
+    assert torch.equal(out_st, out_pt)
+    torch.testing.assert_close(out_pt, expected, rtol=0, atol=1e-4)
+    assert (expected - base).abs().max() > 1e-2
+    for field in ("rank", "alpha", "use_rslora", "targets", "nbytes"):
+        assert getattr(info_st, field) == getattr(info_pt, field), field
+
+
+def test_safetensors_preferred_when_both_exist(pair, tmp_path):
+    """With both files present the safetensors one is read, so no pickle permission is needed,
+    even when the .bin is unreadable."""
+    st, _ = pair
+    path = copy_adapter(st, str(tmp_path / "both"))
+    with open(os.path.join(path, "adapter_model.bin"), "wb") as f:
+        f.write(b"not a pickle")
+    lm = lora_graph.wrap(tiny_model("llama"))
+    lm.load_adapter("a", path)
+    lm.load_adapter("b", st)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=IDS, adapters="a").logits, lm(input_ids=IDS, adapters="b").logits)
+
+
+class _RunsCode:
+    """Unpickling this calls os.mkdir(marker)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickle_that_runs_code_is_refused_even_when_allowed(pair, tmp_path):
+    st, _ = pair
+    path = str(tmp_path / "evil")
+    os.makedirs(path)
+    shutil.copy(os.path.join(st, "adapter_config.json"), path)
+    marker = str(tmp_path / "code_ran")
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _RunsCode(marker)},
+               os.path.join(path, "adapter_model.bin"))
+    lm = lora_graph.wrap(tiny_model("llama"))
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        lm.load_adapter("a", path, allow_pickle=True)
+    assert not os.path.exists(marker)
+    assert len(lm.adapters) == 0
+
+
+def test_pickle_holding_non_tensors_is_refused(pair, tmp_path):
+    st, _ = pair
+    path = str(tmp_path / "odd")
+    os.makedirs(path)
+    shutil.copy(os.path.join(st, "adapter_config.json"), path)
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": [1.0, 2.0]},
+               os.path.join(path, "adapter_model.bin"))
+    lm = lora_graph.wrap(tiny_model("llama"))
+    with pytest.raises(ValueError, match="adapter_model.bin"):
+        lm.load_adapter("a", path, allow_pickle=True)
+    assert len(lm.adapters) == 0
+
+
+def test_adapter_info(pair):
+    st, _ = pair
+    model = tiny_model("llama")
+    oracle = peft_oracle(model, {"a": st})
+    lm = lora_graph.wrap(model)
+    first = lm.load_adapter("first", st)
+    info = lm.load_adapter("a", st)
+    assert lm.adapters["a"] == info and set(lm.adapters) == {"first", "a"}
+    assert info.name == "a" and info.path == str(st)
+    assert (info.rank, info.alpha, info.use_rslora) == (4, 8, False)
+    assert set(info.targets) == peft_lora_modules(oracle, "a") and len(info.targets) == 14
+    tensors = load_file(os.path.join(st, "adapter_model.safetensors"))
+    assert info.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert info.slot != first.slot
+    lm.unload_adapter("first")
+    assert set(lm.adapters) == {"a"}
