@@ -122,7 +122,7 @@ def test_adapter_info(pair):
     model = tiny_model("llama")
     oracle = peft_oracle(model, {"a": st})
     lm = lora_graph.wrap(model)
-    first = lm.load_adapter("first", st)
+    lm.load_adapter("first", st)
     info = lm.load_adapter("a", st)
     assert lm.adapters["a"] == info and set(lm.adapters) == {"first", "a"}
     assert info.name == "a" and info.path == str(st)
@@ -130,6 +130,5 @@ def test_adapter_info(pair):
     assert set(info.targets) == peft_lora_modules(oracle, "a") and len(info.targets) == 14
     tensors = load_file(os.path.join(st, "adapter_model.safetensors"))
     assert info.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
-    assert info.slot != first.slot
     lm.unload_adapter("first")
     assert set(lm.adapters) == {"a"}
