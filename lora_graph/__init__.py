@@ -16,7 +16,15 @@ __all__ = ["wrap", "LoraGraph", "AdapterInfo", "AdapterConfigError", "__version_
 __version__ = "0.1.0"
 
 
-def wrap(model: torch.nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32) -> LoraGraph:
+def wrap(
+    model: torch.nn.Module,
+    backend: str = "auto",
+    adapter_dtype: torch.dtype = torch.float32,
+    max_loaded: int | None = None,
+    max_cpu: int | None = 8,
+    max_rank: int | None = None,
+    progress: bool = True,
+) -> LoraGraph:
     """Patch ``model`` in place for multi-adapter serving and return the wrapper.
 
     Args:
@@ -25,5 +33,11 @@ def wrap(model: torch.nn.Module, backend: str = "auto", adapter_dtype: torch.dty
         backend: ``"auto"`` (triton on CUDA when installed, else torch), ``"torch"`` or ``"triton"``.
         adapter_dtype: dtype the LoRA factors are stored in. The branch always accumulates in fp32;
             the default fp32 storage matches PEFT's default numerics.
+        max_loaded: device slots, i.e. how many adapters are resident at once (None: no bound).
+            Requests page registered adapters in and evict the least recently used.
+        max_cpu: adapters kept in the host cache, each in one contiguous (pinned on CUDA) buffer.
+        max_rank: preallocate the slot buffers for this rank; adapters of higher rank are refused.
+        progress: tqdm bars when registering or loading many adapters (only on a terminal).
     """
-    return LoraGraph(model, backend=backend, adapter_dtype=adapter_dtype)
+    return LoraGraph(model, backend=backend, adapter_dtype=adapter_dtype, max_loaded=max_loaded,
+                     max_cpu=max_cpu, max_rank=max_rank, progress=progress)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -78,13 +79,11 @@ class AdapterWeights:
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st = folder / SAFETENSORS_NAME
     if st.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from .store import mmap_safetensors
 
-        try:
-            return load_file(str(st), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{st}: cannot read the adapter weights ({exc})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # views of a read-only map; never written
+            return mmap_safetensors(st)
     pt = folder / PICKLE_NAME
     if pt.is_file():
         if not allow_pickle:

@@ -35,13 +35,15 @@ class _Staged:
 
 
 class AdapterBank:
-    def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
+                 slots: int = 0, rank: int = 0) -> None:
+        """``slots`` and ``rank`` preallocate the stacked buffers; a load that needs more grows them."""
         self.in_features = in_features
         self.out_features = out_features
         self.device = device
         self.dtype = dtype
-        self.a = torch.zeros(0, 0, in_features, device=device, dtype=dtype)  # (S, R, K)
-        self.b = torch.zeros(0, out_features, 0, device=device, dtype=dtype)  # (S, N, R)
+        self.a = torch.zeros(slots, rank, in_features, device=device, dtype=dtype)  # (S, R, K)
+        self.b = torch.zeros(slots, out_features, rank, device=device, dtype=dtype)  # (S, N, R)
         self.bias: torch.Tensor | None = None  # (S, N)
         self.scale: dict[int, float] = {}
         self.rank: dict[int, int] = {}
@@ -127,7 +129,8 @@ class AdapterBank:
         Returns ``(a (D, R, K), b (D, N, R), bias (D, N) | None, coef (D, M, 1) fp32)``.
         """
         gathered = self._gathered
-        if gathered is None or gathered[0] != slots:
+        # keyed by version too: a forward racing a load must not keep a gather of older storage
+        if gathered is None or gathered[0] != slots or gathered[5] != self.version:
             idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
             if slots == tuple(range(self.a.shape[0])):
                 a, b, bias = self.a, self.b, self.bias
@@ -137,9 +140,9 @@ class AdapterBank:
             if not self.with_bias.intersection(slots):
                 bias = None  # no used slot has a bias: skip adding zeros
             scale = torch.tensor([self.scale[s] for s in slots], dtype=torch.float32, device=self.device)
-            gathered = (slots, a, b, bias, scale)
+            gathered = (slots, a, b, bias, scale, self.version)
             self._gathered = gathered
-        _, a, b, bias, scale = gathered
+        _, a, b, bias, scale, _ = gathered
         coef = self._coef
         if coef is None or coef[0] is not weight or coef[1] is not scale:
             coef = (weight, scale, (weight * scale.unsqueeze(-1)).unsqueeze(-1))  # (D, M, 1)

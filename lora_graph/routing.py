@@ -91,6 +91,15 @@ class Spec:
         )
 
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(name for row in self.rows for name, _ in row)
+
+    def slotted(self, slots: Mapping[str, int]) -> Spec:
+        """The same SPEC with names replaced by slots, lanes sorted by slot."""
+        return Spec(tuple(tuple(sorted((slots[n], w) for n, w in row)) for row in self.rows), self.per_row)
+
+
 def resolve_spec(spec, known) -> Spec:
     """Validate a SPEC against the loaded adapter names and normalise it."""
     if isinstance(spec, Sequence) and not isinstance(spec, str):
@@ -195,14 +204,10 @@ _MISSING = object()
 
 
 class Router:
-    """Per-wrapper routing state: the active SPEC (set by ``use``) and the current plan.
+    """Per-wrapper routing state: the active SPEC (set by ``use``, already resolved to slots) and
+    the plan of the running forward. Context variables keep both per thread."""
 
-    ``slots`` maps adapter names to slots; it is the wrapper's own dict, read when a plan is built,
-    so a SPEC never holds a slot that a later unload could hand to another adapter.
-    """
-
-    def __init__(self, slots: Mapping[str, int]) -> None:
-        self.slots = slots
+    def __init__(self) -> None:
         self._spec: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_spec_{id(self)}", default=None)
         self._plan: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_plan_{id(self)}", default=None)
         self._cache: dict = {}
@@ -212,7 +217,7 @@ class Router:
             "a model wrapped by lora_graph cannot be deep-copied; copy it before wrap() or after unwrap()"
         )
 
-    def set_spec(self, rows):
+    def set_spec(self, rows: Spec):
         return self._spec.set(rows)
 
     def reset_spec(self, token) -> None:
@@ -230,21 +235,12 @@ class Router:
         self._plan.reset(token)
 
     def plan_for(self, rows: Spec, batch_size: int) -> RoutingPlan | None:
+        """The plan of a slotted SPEC for a batch of ``batch_size`` rows (cached)."""
         key = (rows, batch_size)
         plan = self._cache.get(key, _MISSING)
         if plan is _MISSING:
             expanded = rows.expand(batch_size)
-            by_name: dict[RowLanes, tuple] = {}
-            for row in expanded:
-                if row not in by_name:
-                    lanes = []
-                    for name, weight in row:
-                        if name not in self.slots:
-                            raise ValueError(f"adapter {name!r} was unloaded while a request still names it")
-                        lanes.append((self.slots[name], weight))
-                    by_name[row] = tuple(sorted(lanes))
-            slotted = tuple(by_name[row] for row in expanded)
-            plan = RoutingPlan(slotted) if any(slotted) else None
+            plan = RoutingPlan(expanded) if any(expanded) else None
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[key] = plan
