@@ -43,6 +43,9 @@ _REFUSED_IF_SET = {
     "ensure_weight_tying": "tied lm_head/embedding LoRA is not supported yet",
 }
 
+# fields PEFT builds a sub-config object from when they hold a dict
+_SUBCONFIGS = {"arrow_config", "kasa_config", "use_bdlora", "megatron_config"}
+
 # init_lora_weights values whose adapters are only correct on a rewritten base weight.
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -145,7 +148,9 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
     if str(peft_type).upper() != "LORA":
         refuse("peft_type", "only LORA adapters are served")
     for name, why in _REFUSED_IF_SET.items():
-        if _is_set(raw.get(name)):
+        value = raw.get(name)
+        # PEFT turns a dict sub-config, even an empty one, into a config object that switches the variant on
+        if _is_set(value) or (name in _SUBCONFIGS and isinstance(value, dict)):
             refuse(name, why)
     if raw.get("bias", "none") != "none":
         refuse("bias", "bias training overwrites the shared base biases")
@@ -204,9 +209,11 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
             raise AdapterConfigError(f"{source}: field 'layers_to_transform' must be an int or a list of ints")
         layers = tuple(layers)
     layers_pattern = raw.get("layers_pattern")
-    if isinstance(layers_pattern, str):
+    if not layers_pattern:
+        layers_pattern = None  # PEFT: an empty pattern accepts any layer list
+    elif isinstance(layers_pattern, str):
         layers_pattern = (layers_pattern,)
-    elif layers_pattern is not None:
+    else:
         layers_pattern = tuple(layers_pattern)
 
     return LoraSettings(

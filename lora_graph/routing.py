@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,8 +46,8 @@ def _row_from_item(item, slots, where: str) -> RowLanes:
                 raise TypeError(f"adapter names must be strings, got {name!r} in {where}")
             if name == BASE_NAME:
                 raise ValueError(f"{BASE_NAME!r} cannot carry a weight (in {where})")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not (
-                torch.is_tensor(weight) and weight.numel() == 1
+            if isinstance(weight, bool) or not isinstance(weight, numbers.Real) and not (
+                torch.is_tensor(weight) and weight.numel() == 1 and not weight.is_complex()
             ):
                 raise TypeError(f"weight of adapter {name!r} must be a real number, got {weight!r}")
             weight = float(weight)
