@@ -16,19 +16,16 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
-import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import lora_graph
+from _env import environment
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,24 +40,6 @@ def make_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
         pm.save_pretrained(path)
         paths[f"a{i}"] = path
     return paths
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -146,17 +125,9 @@ def main() -> None:
             print(f"{mix:>11}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode[p] / decode['base']:.3f}x)" for p in decode))
             print(f"{mix:>11}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill[p] / prefill['base']:.3f}x)" for p in prefill))
 
-    import peft as peft_pkg
-
     out = {
         "benchmark": "cpu_branch",
-        "device": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft_pkg.__version__,
-        "commit": git_commit(),
+        **environment(),
         "model": {"hidden": 1024, "intermediate": 2816, "layers": 4, "vocab": 1000, "heads": 16},
         "batch": b, "context": ctx, "rank": args.rank, "targets": TARGETS, "repeats": args.repeats,
         "results": results,

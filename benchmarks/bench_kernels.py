@@ -31,10 +31,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import torch
+from _env import git_commit
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
 DECODE = (1, 16, 64, 256)
@@ -47,14 +47,6 @@ PROVIDERS = ("triton", "triton_inplace", "torch", "peft_loop")
 HBM_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100 NVL": 3900,
             "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
             "L40S": 864, "L4": 300, "A10G": 600, "A10": 600, "RTX 4090": 1008}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def hbm_peak_gbps(device: torch.device) -> float | None:
@@ -138,7 +130,7 @@ def providers(case):
 
 
 def moved_bytes(case) -> int:
-    a, b, x, base = case["a"], case["b"], case["x"], case["base"]
+    a, x, base = case["a"], case["x"], case["base"]
     k, n = x.shape[1], base.shape[1]
     used = {s % a.shape[0] for s in range(x.shape[0])}
     adapter = sum(case["ranks"][s] * (k + n) for s in used) * a.element_size()
