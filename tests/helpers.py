@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
 
 import torch
@@ -181,3 +182,180 @@ def peft_scales(peft_model, adapter: str) -> dict[str, tuple[int, float]]:
         if isinstance(scaling, dict) and adapter in scaling:
             out[name] = (module.r[adapter], scaling[adapter])
     return out
+
+
+# --- model-level suites: adapters, oracles and bases shared by test_models/generate/quantized/lifecycle ----
+
+# Modules outside the attention/MLP blocks that an adapter of the arch also targets: qwen2's untied
+# lm_head, and gemma's embed_tokens (its embedding multiplies by embed_scale, and PEFT scales the delta too).
+EXTRA_TARGETS = {"qwen2": ["lm_head"], "gemma": ["embed_tokens"]}
+
+# Wider configs for bitsandbytes: its CPU 4-bit path needs in_features to be a multiple of the
+# 64-wide quantization block and out_features a multiple of 32.
+WIDE = {
+    "llama": dict(hidden_size=64, intermediate_size=128, head_dim=16),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, head_dim=16),
+    "gemma": dict(hidden_size=64, intermediate_size=128, head_dim=16),
+    "opt": dict(hidden_size=64, ffn_dim=128, word_embed_proj_dim=64),
+    "gpt2": dict(n_embd=64),
+}
+
+
+def make_adapters(model, arch: str, root, exact_scales: bool = False) -> dict[str, str]:
+    """Three PEFT adapters for ``model`` with different ranks, scales and target sets.
+
+    a: r=4 on attention (+ EXTRA_TARGETS), with rank_pattern and alpha_pattern keys that overlap,
+       so that the first matching key in dict order must win;
+    b: r=8 on attention and MLP, rsLoRA;
+    c: r=2 on the MLP, with a lora_B bias.
+
+    ``exact_scales`` keeps the same structure (patterns, rsLoRA, bias) with every scale a power of
+    two (a: 2, 0.5, 4 and 8 across its modules, b: r=16 rsLoRA 8/4, c: 2). Scaling by a power of two
+    rounds nowhere, so applying it before or after B gives the same bits: this removes the one
+    legitimate fp32 rounding difference with PEFT, which LLM.int8's activation quantization would
+    otherwise amplify into ~1e-3 logit differences.
+    """
+    attn, mlp = targets(arch, "attn"), targets(arch, "mlp")
+    if exact_scales:
+        a_patterns = dict(rank_pattern={attn[0]: 8, f"{attn[0]}|{attn[1]}": 2},
+                          alpha_pattern={attn[0]: 4, f"{attn[0]}|{attn[-1]}": 16})
+        b_rank = dict(r=16, lora_alpha=8)
+    else:
+        a_patterns = dict(rank_pattern={attn[0]: 6, f"{attn[0]}|{attn[1]}": 5},
+                          alpha_pattern={attn[-1]: 3, f"{attn[0]}|{attn[-1]}": 12})
+        b_rank = dict(r=8, lora_alpha=16)
+    return {
+        "a": save_adapter(model, adapter_dir(root, "a"), seed=11, r=4, lora_alpha=8,
+                          target_modules=attn + EXTRA_TARGETS.get(arch, []), **a_patterns),
+        "b": save_adapter(model, adapter_dir(root, "b"), seed=12, target_modules=attn + mlp, use_rslora=True,
+                          **b_rank),
+        "c": save_adapter(model, adapter_dir(root, "c"), seed=13, r=2, lora_alpha=4,
+                          target_modules=mlp, lora_bias=True),
+    }
+
+
+def token_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Random prompt ids that avoid the special ids 0..2 (pad / eos / bos in the tiny configs)."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def peft_rows(peft_model, names: list[str], **inputs) -> torch.Tensor:
+    """Per-row PEFT logits without PEFT's mixed-batch path: the whole batch runs once per distinct
+    name (``set_adapter``, or ``disable_adapter()`` for "__base__"), and row i is taken from the run
+    of ``names[i]``. Works for models that flatten tokens (OPT), where ``adapter_names`` raises."""
+    out = None
+    for name in dict.fromkeys(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                logits = peft_model(**inputs).logits
+        else:
+            peft_model.set_adapter(name)
+            logits = peft_model(**inputs).logits
+        if out is None:
+            out = torch.empty_like(logits)
+        for i, row_name in enumerate(names):
+            if row_name == name:
+                out[i] = logits[i]
+    return out
+
+
+_LORA_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+
+
+def merged_copy(model, adapters: dict[str, str], weights: dict[str, float]):
+    """An fp32 copy of ``model`` with ``W + Σ w·s·B·A`` (and ``b + Σ w·s·b_B``) merged in, computed
+    from the saved safetensors and adapter_config.json alone.
+
+    Each merged module gets fresh parameters, so a weight tied to another module (gemma's
+    embed_tokens and lm_head) is untied rather than changed in both places.
+    """
+    import json
+
+    from peft.utils.other import get_pattern_key
+    from safetensors.torch import load_file
+    from transformers.pytorch_utils import Conv1D
+
+    merged = copy.deepcopy(model).float()
+    deltas: dict[str, list] = {}
+    for name, weight in weights.items():
+        with open(os.path.join(adapters[name], "adapter_config.json")) as f:
+            config = json.load(f)
+        tensors = load_file(os.path.join(adapters[name], "adapter_model.safetensors"))
+        for key, a in tensors.items():
+            for a_suffix, b_suffix in _LORA_SUFFIXES:
+                if key.endswith(a_suffix):
+                    module = key[len("base_model.model."):-len(a_suffix)]
+                    stem = key[:-len(a_suffix)]
+                    b = tensors[stem + b_suffix]
+                    bias = tensors.get(stem + ".lora_B.bias")
+                    break
+            else:
+                continue
+            r = config["rank_pattern"].get(get_pattern_key(config["rank_pattern"].keys(), module), config["r"])
+            alpha = config["alpha_pattern"].get(get_pattern_key(config["alpha_pattern"].keys(), module),
+                                                config["lora_alpha"])
+            assert a.shape[0] == r, (module, a.shape, r)
+            scale = alpha / math.sqrt(r) if config["use_rslora"] else alpha / r
+            delta = weight * scale * (b.double() @ a.double())  # (N, K)
+            dbias = weight * scale * bias.double() if bias is not None else None
+            deltas.setdefault(module, []).append((delta, dbias))
+    for module_name, parts in deltas.items():
+        module = merged.get_submodule(module_name)
+        delta = sum(d for d, _ in parts)
+        if isinstance(module, torch.nn.Embedding) or isinstance(module, Conv1D):
+            delta = delta.T  # Embedding (vocab, dim) and Conv1D (in, out) store W transposed
+        module.weight = torch.nn.Parameter((module.weight.double() + delta).float(), requires_grad=False)
+        biases = [db for _, db in parts if db is not None]
+        if biases:
+            old = module.bias.double() if module.bias is not None else 0.0
+            module.bias = torch.nn.Parameter((old + sum(biases)).float(), requires_grad=False)
+    return merged.eval()
+
+
+def wide_model(arch: str, seed: int = 0):
+    """The arch's tiny model at the WIDE sizes, fp32, eval mode."""
+    make_config, cls, _, _ = ARCHS[arch]
+    config = make_config()
+    config = type(config)(**{**config.to_dict(), **WIDE[arch]})
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def quantized_model(model, kind: str, root):
+    """``model`` saved to ``root`` (once per root) and reloaded by transformers with bitsandbytes on CPU.
+
+    kind: "nf4" (Linear4bit, fp32 compute), "int8" (Linear8bitLt with the default LLM.int8 outlier
+    threshold 6.0, which picks outlier columns over the whole batch, so rows are not computed
+    independently), or "int8-t0" (threshold 0: pure int8, rows independent).
+    lm_head stays unquantized, as transformers does by default.
+    """
+    from transformers import BitsAndBytesConfig
+
+    path = os.path.join(str(root), "base")
+    if not os.path.isdir(path):
+        model.save_pretrained(path)
+    configs = {
+        "nf4": lambda: BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32),
+        "int8": lambda: BitsAndBytesConfig(load_in_8bit=True),
+        "int8-t0": lambda: BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0),
+    }
+    return type(model).from_pretrained(path, quantization_config=configs[kind](), device_map="cpu",
+                                       dtype=torch.float32).eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary, built offline: "t3 t17" -> [3, 17]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def module_map(model) -> dict[str, torch.nn.Module]:
+    """Every named submodule of ``model`` (the module objects themselves, for identity checks)."""
+    return dict(model.named_modules())
