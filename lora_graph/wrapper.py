@@ -215,6 +215,7 @@ class LoraGraph:
             self._lru.pop(name, None)
             if slot is not None:
                 self._release(slot, restore=True)
+            self._restore_empty()
 
     def pin(self, name: str) -> None:
         """Make ``name`` resident now and never evict it until :meth:`unpin`."""
@@ -433,12 +434,17 @@ class LoraGraph:
 
     def _free(self, slot: int, restore: bool) -> None:
         for mod_name in self._slot_modules.pop(slot, ()):
-            bank = self._banks[mod_name]
-            bank.remove(slot)
-            if restore and not bank.present:
-                patch.set_module(self.model, mod_name, self._originals.pop(mod_name))
-                del self._banks[mod_name]
+            self._banks[mod_name].remove(slot)
         self._slot_bytes.pop(slot, None)
+        if restore:
+            self._restore_empty()
+
+    def _restore_empty(self) -> None:
+        """Give back the original module wherever no slot is held any more. Eviction alone keeps the
+        wrappers (so paging never changes the module tree a compiled graph was traced with)."""
+        for mod_name in [n for n, bank in self._banks.items() if not bank.present]:
+            patch.set_module(self.model, mod_name, self._originals.pop(mod_name))
+            del self._banks[mod_name]
 
     # -- checks -----------------------------------------------------------------------------
     def _check_name(self, name, replace: bool) -> None:
