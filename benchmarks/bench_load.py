@@ -1,0 +1,260 @@
+"""How long does it take to load an adapter, and to switch the adapter a request uses?
+
+A Llama-8B-shaped base (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, bf16)
+is built on the meta device and given storage with ``to_empty``: its weight pages are never
+touched, so it costs no memory and no time, and nothing here runs a forward. The vocabulary is
+tiny (256), since embeddings are not targeted. Two bf16 PEFT adapters are written with random
+factors:
+- big: r=16 on every linear layer of every block (224 modules, 84 MB);
+- small: r=8 on q_proj and v_proj (64 modules, 6 MB).
+
+Timed, each file read twice first so that it is served from the page cache:
+- lora_graph ``load_adapter(name, path, replace=True)`` into a wrapper with ``max_loaded=2`` and
+  ``max_rank=16`` (slot buffers preallocated; the first load, which allocates them, is reported
+  apart): reading through mmap, validating, one copy into a coalesced host buffer, one into the slot;
+- switching the adapter a request uses: entering and leaving ``with lm.use(name)`` with both
+  adapters resident (no copy, only routing);
+- PEFT ``load_adapter`` + ``set_adapter`` (default, and ``low_cpu_mem_usage=True``), PEFT
+  ``set_adapter`` alone between two loaded adapters, and ``peft.utils.hotswap.hotswap_adapter``
+  (copies new weights into an adapter of the same shapes).
+Load speeds are given in GB/s of adapter bytes, next to a plain copy of the same number of bytes
+measured in the same process: memcpy on CPU; pinned host-to-device on GPU. Medians are reported.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_load.py [--repeats 10] [--out benchmarks/results/load.json]
+
+(On a CPU shared with other jobs, more OpenMP threads than idle cores make every op wait for a
+descheduled thread, and the numbers measure that instead.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+from _env import environment
+from peft import LoraConfig, PeftModel
+from peft.utils.hotswap import hotswap_adapter
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lora_graph
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {"big": dict(rank=16, targets=ALL_LINEAR), "small": dict(rank=8, targets=["q_proj", "v_proj"])}
+DTYPE = torch.bfloat16
+
+
+def base_model(device: torch.device) -> LlamaForCausalLM:
+    """Llama-8B shapes with uninitialised storage that is never read."""
+    config = LlamaConfig(vocab_size=256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(DTYPE)
+    return model.to_empty(device=device).eval()
+
+
+def write_adapter(model, folder: str, rank: int, targets: list[str], seed: int) -> str:
+    """A PEFT adapter directory with random non-zero bf16 factors, in PEFT's key layout."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, module.in_features, generator=gen) * 0.01).to(DTYPE)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=gen) * 0.01).to(DTYPE)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(folder)
+    return folder
+
+
+def warm_page_cache(folder: str) -> None:
+    for _ in range(2):
+        with open(os.path.join(folder, "adapter_model.safetensors"), "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def file_bytes(folder: str) -> int:
+    """Bytes of the tensors in the file (the header excluded)."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return os.path.getsize(path) - 8 - header
+
+
+def timer(device: torch.device):
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def run(fn, repeats: int, before=None) -> float:
+        """Median seconds of ``fn()``; ``before()`` runs untimed ahead of each call."""
+        times = []
+        for _ in range(repeats):
+            if before is not None:
+                before()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return run
+
+
+def copy_baseline(nbytes: int, device: torch.device, run, repeats: int) -> dict:
+    """A plain copy of ``nbytes``: memcpy between host buffers on CPU, pinned host to device on GPU."""
+    src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)
+    seconds = run(lambda: dst.copy_(src, non_blocking=True), repeats)
+    kind = "pinned host-to-device copy" if device.type == "cuda" else "memcpy (Tensor.copy_ host to host)"
+    return {"kind": kind, "s": seconds, "GBps": nbytes / seconds / 1e9}
+
+
+def bench_lora_graph(model, paths, device, run, repeats: int) -> dict:
+    out = {}
+    lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
+    for kind in ADAPTERS:
+        path, path2 = paths[kind]
+        warm_page_cache(path)
+        t0 = time.perf_counter()
+        lm.load_adapter(kind, path)  # first load of this target set: allocates the slot buffers
+        out[f"{kind}_first_load_s"] = time.perf_counter() - t0
+        out[f"{kind}_load_s"] = run(lambda: lm.load_adapter(kind, path, replace=True), repeats)
+        out[f"{kind}_bytes"] = lm.adapters[kind].nbytes
+        lm.unload_adapter(kind)
+    # switch: two big adapters resident, requests alternate between them
+    lm.load_adapter("x", paths["big"][0])
+    lm.load_adapter("y", paths["big"][1])
+    resident, host = set(lm.resident), lm.memory()["host"]
+    names = iter(["x", "y"] * 5000)
+
+    def switch():
+        with lm.use(next(names)):
+            pass
+
+    out["switch_s"] = run(switch, 2000)
+    assert set(lm.resident) == resident and lm.memory()["host"] == host  # nothing was paged or read
+    out["slot_buffers_bytes"] = lm.memory()["device"]["slot_buffers"]
+    lm.unwrap()
+    return out
+
+
+def bench_peft(model, paths, device, run, repeats: int) -> dict:
+    out = {}
+    dev = str(device)
+    peft_model = None
+    for kind in ADAPTERS:
+        path, path2 = paths[kind]
+        warm_page_cache(path)
+        warm_page_cache(path2)
+        t0 = time.perf_counter()
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(model, path, adapter_name=kind, torch_device=dev)
+        else:
+            peft_model.load_adapter(path, adapter_name=kind, torch_device=dev)
+        out[f"{kind}_first_load_s"] = time.perf_counter() - t0
+        for low_mem in (False, True):
+            counter = iter(range(10**6))
+            name = {"current": None}
+
+            def load():
+                name["current"] = f"{kind}_tmp{next(counter)}"
+                peft_model.load_adapter(path, adapter_name=name["current"], torch_device=dev,
+                                        low_cpu_mem_usage=low_mem)
+                peft_model.set_adapter(name["current"])
+
+            def drop():
+                if name["current"] is not None:
+                    peft_model.set_adapter(kind)
+                    peft_model.delete_adapter(name["current"])
+                    name["current"] = None
+
+            key = f"{kind}_load_set_low_cpu_mem_s" if low_mem else f"{kind}_load_set_s"
+            out[key] = run(load, repeats, before=drop)
+            drop()
+        versions = iter([path2, path] * repeats)
+        out[f"{kind}_hotswap_s"] = run(
+            lambda: hotswap_adapter(peft_model, next(versions), adapter_name=kind, torch_device=dev), repeats)
+    names = iter(list(ADAPTERS) * 5000)
+    out["switch_s"] = run(lambda: peft_model.set_adapter(next(names)), 200)
+    out["adapter_dtype"] = str(next(p.dtype for n, p in peft_model.named_parameters() if "lora_A" in n))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load.json"))
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = timer(device)
+    folder = tempfile.mkdtemp(prefix="bench_load_")
+    try:
+        model = base_model(device)
+        paths = {kind: tuple(write_adapter(model, os.path.join(folder, f"{kind}{v}"), spec["rank"], spec["targets"],
+                                           seed=10 * i + v)
+                             for v in (1, 2))
+                 for i, (kind, spec) in enumerate(ADAPTERS.items())}
+        with torch.inference_mode():
+            lg = bench_lora_graph(model, paths, device, run, args.repeats)
+            pf = bench_peft(model, paths, device, run, max(3, args.repeats // 2))
+        results = {}
+        for kind, spec in ADAPTERS.items():
+            nbytes = lg[f"{kind}_bytes"]
+            assert nbytes == file_bytes(paths[kind][0]), "adapter bytes differ from the file's"
+            copy = copy_baseline(nbytes, device, run, args.repeats)
+            entry = {"rank": spec["rank"], "targets": spec["targets"], "bytes": nbytes,
+                     "copy_baseline": copy,
+                     "lora_graph_first_load_s": lg[f"{kind}_first_load_s"],
+                     "peft_first_load_s": pf[f"{kind}_first_load_s"]}
+            for label, seconds in (("lora_graph_load", lg[f"{kind}_load_s"]),
+                                   ("peft_load_set", pf[f"{kind}_load_set_s"]),
+                                   ("peft_load_set_low_cpu_mem", pf[f"{kind}_load_set_low_cpu_mem_s"]),
+                                   ("peft_hotswap", pf[f"{kind}_hotswap_s"])):
+                entry[label] = {"s": seconds, "GBps": nbytes / seconds / 1e9, "of_copy": copy["s"] / seconds}
+            results[kind] = entry
+        results["switch"] = {"lora_graph_use_s": lg["switch_s"], "peft_set_adapter_s": pf["switch_s"]}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    out = {
+        "benchmark": "load",
+        **environment(),
+        "model": {"shape": "Llama-8B", "hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32,
+                  "kv_heads": 8, "vocab": 256, "dtype": str(DTYPE), "weights": "to_empty, never touched"},
+        "adapter_dtype": {"lora_graph": str(DTYPE), "peft": pf["adapter_dtype"]},
+        "lora_graph_slot_buffers_bytes": lg["slot_buffers_bytes"],
+        "repeats": args.repeats,
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+    print(f"device: {out['device']} ({out['threads']} threads), torch {out['torch']}, peft {out['peft']}")
+    print(f"{'':28}{'big r=16 all-linear':>26}{'small r=8 q,v':>26}")
+    print(f"{'bytes':28}" + "".join(f"{results[k]['bytes'] / 1e6:>23.1f} MB" for k in ADAPTERS))
+    print(f"{'copy baseline':28}" + "".join(
+        f"{results[k]['copy_baseline']['s'] * 1e3:>11.2f} ms {results[k]['copy_baseline']['GBps']:>6.2f} GB/s"
+        for k in ADAPTERS))
+    for label in ("lora_graph_load", "peft_load_set", "peft_load_set_low_cpu_mem", "peft_hotswap"):
+        print(f"{label:28}" + "".join(
+            f"{results[k][label]['s'] * 1e3:>11.2f} ms {results[k][label]['GBps']:>6.2f} GB/s" for k in ADAPTERS))
+    sw = results["switch"]
+    print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
+          f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
