@@ -1,4 +1,4 @@
-"""AdapterBank: the LoRA factors of every loaded adapter for one patched module, stacked by slot.
+"""AdapterBank: the LoRA factors of every resident adapter for one patched module, stacked by slot.
 
     a    (S, R, K)   lora_A of each slot, zero past the slot's rank
     b    (S, N, R)   lora_B of each slot, zero past the slot's rank
@@ -8,21 +8,43 @@
 A slot is an adapter's row; slot ids are global to the wrapper, so one request resolves to the same
 slot in every module. A module that an adapter does not target simply does not hold its slot.
 
-Writes are staged: ``stage`` builds whatever new storage a load needs without touching what a
-running forward reads, and ``commit`` swaps it in with plain assignments that cannot fail. So a
-load that fails half-way through the modules leaves every bank as it was.
+Everything a forward reads is one immutable ``BankState``, swapped in by a single assignment, so
+a forward racing a load in another thread sees either the old state or the new one, never half of
+each. Writes go only to free slots (no running request routes to them), so writing a slot in place
+is invisible to running forwards. ``stage`` builds whatever new storage a load needs without
+touching the current state, and ``commit`` swaps it in; a load that fails half-way through the
+modules leaves every bank as it was.
 
-``operands`` gathers the used slots for a forward and keeps the result while the set of slots and
-the bank are unchanged, so decode steps with the same adapters copy nothing.
+``operands`` gathers the used slots for the torch path, cut to the largest rank among them (so the
+bits of a result never depend on which other adapters were loaded before), and keeps the result
+while the state and the set of slots are unchanged: decode steps with the same adapters copy
+nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .adapters import ModuleLora
+
+
+@dataclass(frozen=True)
+class BankState:
+    a: torch.Tensor  # (S, R, K)
+    b: torch.Tensor  # (S, N, R)
+    bias: torch.Tensor | None  # (S, N)
+    scale: dict = field(default_factory=dict)  # slot -> float
+    rank: dict = field(default_factory=dict)  # slot -> int
+    with_bias: frozenset = frozenset()
+    scale_t: torch.Tensor | None = None  # (S,) fp32, for the kernels
+    rank_t: torch.Tensor | None = None  # (S,) int32, for the kernels
+    version: int = 0
+
+    @property
+    def present(self) -> frozenset[int]:
+        return frozenset(self.rank)
 
 
 @dataclass
@@ -36,50 +58,86 @@ class _Staged:
 
 class AdapterBank:
     def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
-                 slots: int = 0, rank: int = 0) -> None:
-        """``slots`` and ``rank`` preallocate the stacked buffers; a load that needs more grows them."""
+                 slots: int = 0, rank: int = 0, grow: bool = True) -> None:
+        """``slots`` and ``rank`` preallocate the stacked buffers; with ``grow`` a load that needs
+        more slots doubles them."""
         self.in_features = in_features
         self.out_features = out_features
         self.device = device
         self.dtype = dtype
-        self.a = torch.zeros(slots, rank, in_features, device=device, dtype=dtype)  # (S, R, K)
-        self.b = torch.zeros(slots, out_features, rank, device=device, dtype=dtype)  # (S, N, R)
-        self.bias: torch.Tensor | None = None  # (S, N)
-        self.scale: dict[int, float] = {}
-        self.rank: dict[int, int] = {}
-        self.with_bias: frozenset[int] = frozenset()
-        self.present: frozenset[int] = frozenset()
-        # per-slot device tables for the kernels; absent slots hold stale values no lane points at
-        self.scale_t = torch.zeros(0, dtype=torch.float32, device=device)
-        self.rank_t = torch.zeros(0, dtype=torch.int32, device=device)
-        self.version = 0
+        self.grow = grow
+        a = torch.zeros(slots, rank, in_features, device=device, dtype=dtype)
+        b = torch.zeros(slots, out_features, rank, device=device, dtype=dtype)
+        self.state = self._tables(BankState(a, b, None))
         self._gathered: tuple | None = None
-        self._coef: tuple | None = None
+
+    # -- what forwards read ---------------------------------------------------------------
+    @property
+    def present(self) -> frozenset[int]:
+        return self.state.present
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self.state.a
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self.state.b
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.state.bias
 
     @property
     def nbytes(self) -> int:
-        n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
-        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        st = self.state
+        n = st.a.numel() * st.a.element_size() + st.b.numel() * st.b.element_size()
+        return n + (st.bias.numel() * st.bias.element_size() if st.bias is not None else 0)
 
+    def operands(self, slots: tuple[int, ...], weight: torch.Tensor, state: BankState | None = None):
+        """Factors of ``slots`` from ``state`` (default: the current one) and the per-lane coefficient ``w · s`` for a
+        ``(D, M)`` weight grid: ``(a (D, r, K), b (D, N, r), bias (D, N) | None, coef (D, M, 1))``
+        with ``r`` the largest rank among ``slots``."""
+        state = self.state if state is None else state
+        gathered = self._gathered
+        if gathered is None or gathered[0] != slots or gathered[1] is not state:
+            r = max(state.rank[s] for s in slots)
+            idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+            a = state.a.index_select(0, idx)[:, :r]  # (D, r, K)
+            b = state.b.index_select(0, idx)[:, :, :r]  # (D, N, r)
+            bias = None
+            if state.bias is not None and state.with_bias.intersection(slots):
+                bias = state.bias.index_select(0, idx)  # (D, N)
+            scale = torch.tensor([state.scale[s] for s in slots], dtype=torch.float32, device=self.device)
+            gathered = (slots, state, a, b, bias, scale, None)
+            self._gathered = gathered
+        slots_, state_, a, b, bias, scale, coef = gathered
+        if coef is None or coef[0] is not weight:
+            coef = (weight, (weight * scale.unsqueeze(-1)).unsqueeze(-1))  # (D, M, 1)
+            self._gathered = (slots_, state_, a, b, bias, scale, coef)
+        return a, b, bias, coef[1]
+
+    # -- loads (serialised by the wrapper's lock) -----------------------------------------------
     def to(self, device: torch.device) -> None:
         """Follow the base module when the model is moved after adapters were loaded."""
-        self.a, self.b = self.a.to(device), self.b.to(device)
-        self.bias = self.bias.to(device) if self.bias is not None else None
-        self.scale_t, self.rank_t = self.scale_t.to(device), self.rank_t.to(device)
+        st = self.state
         self.device = device
-        self._changed()
+        self.state = self._tables(replace(st, a=st.a.to(device), b=st.b.to(device),
+                                          bias=st.bias.to(device) if st.bias is not None else None))
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
-        """Storage holding ``lora`` in ``slot``; self is not modified."""
-        slots = max(self.a.shape[0], slot + 1)
-        rank = max(self.a.shape[1], lora.rank)
-        a, b, bias = self.a, self.b, self.bias
-        if (slots, rank) != tuple(a.shape[:2]):
+        """Storage holding ``lora`` in ``slot``; the current state is not modified."""
+        st = self.state
+        have_slots, have_rank = st.a.shape[0], st.a.shape[1]
+        slots = have_slots if slot < have_slots else max(slot + 1, 2 * have_slots if self.grow else 0)
+        rank = max(have_rank, lora.rank)
+        a, b, bias = st.a, st.b, st.bias
+        if (slots, rank) != (have_slots, have_rank):
             a = torch.zeros(slots, rank, self.in_features, device=self.device, dtype=self.dtype)
-            a[: self.a.shape[0], : self.a.shape[1]] = self.a
+            a[:have_slots, :have_rank] = st.a
             b = torch.zeros(slots, self.out_features, rank, device=self.device, dtype=self.dtype)
-            b[: self.b.shape[0], :, : self.b.shape[2]] = self.b
-        if bias is not None and bias.shape[0] < slots or bias is None and lora.bias is not None:
+            b[:have_slots, :, :have_rank] = st.b
+        if (bias is not None and bias.shape[0] < slots) or (bias is None and lora.bias is not None):
             new_bias = torch.zeros(slots, self.out_features, device=self.device, dtype=self.dtype)
             if bias is not None:
                 new_bias[: bias.shape[0]] = bias
@@ -87,64 +145,34 @@ class AdapterBank:
         return _Staged(slot, lora, a, b, bias)
 
     def commit(self, staged: _Staged) -> None:
-        """Swap staged storage in and write the slot. The slot is not in use, so writing it in place
-        is invisible to a running forward."""
+        """Write the slot (free, so no forward reads it) and swap the new state in."""
         s, lora = staged.slot, staged.lora
         a, b, bias = staged.a, staged.b, staged.bias
-        a[s].zero_()
         a[s, : lora.rank].copy_(lora.a)
-        b[s].zero_()
+        a[s, lora.rank :].zero_()
         b[s, :, : lora.rank].copy_(lora.b)
+        b[s, :, lora.rank :].zero_()
         if bias is not None:
-            bias[s].zero_()
             if lora.bias is not None:
                 bias[s].copy_(lora.bias)
-        self.a, self.b, self.bias = a, b, bias
-        self.scale[s] = lora.scale
-        self.rank[s] = lora.rank
-        slots = a.shape[0]
-        self.scale_t = torch.tensor([self.scale.get(i, 0.0) for i in range(slots)], dtype=torch.float32, device=self.device)
-        self.rank_t = torch.tensor([self.rank.get(i, 0) for i in range(slots)], dtype=torch.int32, device=self.device)
-        self.present = self.present | {s}
-        self.with_bias = self.with_bias | {s} if lora.bias is not None else self.with_bias - {s}
-        self._changed()
+            else:
+                bias[s].zero_()
+        st = self.state
+        with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
+        self.state = self._tables(BankState(a, b, bias, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank},
+                                            with_bias, version=st.version + 1))
 
     def remove(self, slot: int) -> None:
-        if slot not in self.present:
+        st = self.state
+        if slot not in st.rank:
             return
-        self.present = self.present - {slot}
-        self.with_bias = self.with_bias - {slot}
-        del self.scale[slot]
-        del self.rank[slot]
-        self._changed()
+        scale = {k: v for k, v in st.scale.items() if k != slot}
+        rank = {k: v for k, v in st.rank.items() if k != slot}
+        self.state = self._tables(replace(st, scale=scale, rank=rank, with_bias=st.with_bias - {slot},
+                                          version=st.version + 1))
 
-    def _changed(self) -> None:
-        self.version += 1
-        self._gathered = None
-        self._coef = None
-
-    def operands(self, slots: tuple[int, ...], weight: torch.Tensor):
-        """Factors of ``slots`` and the per-lane coefficient ``w · s`` for a ``(D, M)`` weight grid.
-
-        Returns ``(a (D, R, K), b (D, N, R), bias (D, N) | None, coef (D, M, 1) fp32)``.
-        """
-        gathered = self._gathered
-        # keyed by version too: a forward racing a load must not keep a gather of older storage
-        if gathered is None or gathered[0] != slots or gathered[5] != self.version:
-            idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            if slots == tuple(range(self.a.shape[0])):
-                a, b, bias = self.a, self.b, self.bias
-            else:
-                a, b = self.a.index_select(0, idx), self.b.index_select(0, idx)
-                bias = self.bias.index_select(0, idx) if self.bias is not None else None
-            if not self.with_bias.intersection(slots):
-                bias = None  # no used slot has a bias: skip adding zeros
-            scale = torch.tensor([self.scale[s] for s in slots], dtype=torch.float32, device=self.device)
-            gathered = (slots, a, b, bias, scale, self.version)
-            self._gathered = gathered
-        _, a, b, bias, scale, _ = gathered
-        coef = self._coef
-        if coef is None or coef[0] is not weight or coef[1] is not scale:
-            coef = (weight, scale, (weight * scale.unsqueeze(-1)).unsqueeze(-1))  # (D, M, 1)
-            self._coef = coef
-        return a, b, bias, coef[2]
+    def _tables(self, st: BankState) -> BankState:
+        slots = st.a.shape[0]
+        scale_t = torch.tensor([st.scale.get(i, 0.0) for i in range(slots)], dtype=torch.float32, device=self.device)
+        rank_t = torch.tensor([st.rank.get(i, 0) for i in range(slots)], dtype=torch.int32, device=self.device)
+        return replace(st, scale_t=scale_t, rank_t=rank_t)

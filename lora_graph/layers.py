@@ -50,19 +50,23 @@ class _LoraModule(nn.Module):
             return getattr(self.base_layer, name)
 
     def _route(self, num_tokens: int, leading_dim: int | None, device: torch.device):
-        """The routing grid (and, for triton, lane layout) of this forward for this module's slots."""
+        """This forward's bank state, routing grid and (for triton) lane layout for this module."""
         plan = self.router.current(leading_dim)
-        if plan is None or not self.bank.present:
-            return None, None
+        if plan is None:
+            return None, None, None
         if self.bank.device != device:
             self.bank.to(device)
-        grid = plan.grid(num_tokens, self.bank.present, device)
+        state = self.bank.state  # one snapshot: a concurrent load swaps in a new state, never half of one
+        present = state.present
+        if not present:
+            return None, None, None
+        grid = plan.grid(num_tokens, present, device)
         if grid is None or self.backend != "triton":
-            return grid, None
-        num_slots = self.bank.a.shape[0]
-        lanes = plan.cached(("lanes", num_tokens, self.bank.present, device, num_slots),
+            return state, grid, None
+        num_slots = state.a.shape[0]
+        lanes = plan.cached(("lanes", num_tokens, present, device, num_slots),
                             lambda: ops.build_lanes(grid, num_slots, plan.max_lanes, num_tokens))
-        return grid, lanes
+        return state, grid, lanes
 
     def extra_repr(self) -> str:
         return f"slots={sorted(self.bank.present)}, backend={self.backend!r}"
@@ -78,12 +82,12 @@ class LoraLinear(_LoraModule):
     def _branch(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         k = x.shape[-1]
         num_tokens = x.numel() // k if k else 0
-        grid, lanes = self._route(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
+        state, grid, lanes = self._route(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
         if grid is None:
             return out
         y = ops.lora_delta(
             self.backend, x.reshape(num_tokens, k), out.reshape(num_tokens, -1),  # (T, K), (T, N)
-            self.bank, grid, lanes,
+            self.bank, state, grid, lanes,
         )
         return y.view(out.shape)
 
@@ -95,12 +99,12 @@ class LoraEmbedding(_LoraModule):
     @torch.compiler.disable
     def _branch(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         num_tokens = ids.numel()
-        grid, lanes = self._route(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
+        state, grid, lanes = self._route(num_tokens, ids.shape[0] if ids.dim() == 2 else None, out.device)
         if grid is None:
             return out
         embed_scale = getattr(self.base_layer, "embed_scale", None)
         y = ops.lora_embedding_delta(
             self.backend, ids.reshape(num_tokens), out.reshape(num_tokens, -1),  # (T,), (T, N)
-            self.bank, grid, lanes, embed_scale,
+            self.bank, state, grid, lanes, embed_scale,
         )
         return y.view(out.shape)

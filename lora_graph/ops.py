@@ -50,19 +50,21 @@ def _triton():
     return triton_ops
 
 
-def lora_delta(backend: str, x, base, bank, grid, lanes) -> torch.Tensor:
-    """``base + Σ w·s·(B(Ax) + b)`` over the grid's lanes, in ``base.dtype``."""
+def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
+    """``base + Σ w·s·(B(Ax) + b)`` over the grid's lanes, in ``base.dtype``; ``state`` is the
+    bank snapshot this forward reads."""
     if backend == "triton":
-        bias = bank.bias if bank.with_bias.intersection(grid.slots) else None
-        return _triton().lora_delta(x, base, bank.a, bank.b, bias, bank.scale_t, bank.rank_t, lanes, inplace=True)
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
+        bias = state.bias if state.with_bias.intersection(grid.slots) else None
+        return _triton().lora_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes, inplace=True)
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
     return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity)
 
 
-def lora_embedding_delta(backend: str, ids, base, bank, grid, lanes, embed_scale) -> torch.Tensor:
+def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:
     if backend == "triton":
-        return _triton().lora_embedding_delta(ids, base, bank.a, bank.b, bank.scale_t, bank.rank_t, lanes, embed_scale)
-    a, b, _, coef = bank.operands(grid.slots, grid.weight)
+        return _triton().lora_embedding_delta(ids, base, state.a, state.b, state.scale_t, state.rank_t, lanes,
+                                              embed_scale)
+    a, b, _, coef = bank.operands(grid.slots, grid.weight, state)
     return reference.lora_embedding_delta(ids, base, a, b, grid.token, coef, embed_scale)
 
 

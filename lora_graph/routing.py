@@ -74,6 +74,7 @@ class Spec:
 
     rows: tuple[RowLanes, ...]
     per_row: bool
+    order: tuple = ()  # slotted: the slots in adapter-name order, so sums never depend on slot numbers
 
     def expand(self, batch_size: int) -> tuple[RowLanes, ...]:
         """Per-row lanes for a forward of ``batch_size`` rows (broadcast, or repeat for generate)."""
@@ -97,8 +98,11 @@ class Spec:
         return frozenset(name for row in self.rows for name, _ in row)
 
     def slotted(self, slots: Mapping[str, int]) -> Spec:
-        """The same SPEC with names replaced by slots, lanes sorted by slot."""
-        return Spec(tuple(tuple(sorted((slots[n], w) for n, w in row)) for row in self.rows), self.per_row)
+        """The same SPEC with names replaced by slots. Lanes stay in adapter-name order, and the
+        plan groups slots in that order, so a weighted set sums the same way whichever slots its
+        adapters were paged into."""
+        order = tuple(slots[n] for n in sorted(self.names))
+        return Spec(tuple(tuple((slots[n], w) for n, w in row) for row in self.rows), self.per_row, order)
 
 
 def resolve_spec(spec, known) -> Spec:
@@ -132,6 +136,7 @@ class RoutingPlan:
     """Per-row lanes of one forward, ``((slot, weight), ...)`` per row, expanded to tokens on demand."""
 
     rows: tuple[tuple[tuple[int, float], ...], ...]
+    order: tuple[int, ...] = ()  # slots in the order lanes are grouped (default: ascending)
     _grids: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -186,7 +191,7 @@ class RoutingPlan:
                     rows_w[1].append(weight)
         if not by_slot:
             return None
-        slots = tuple(sorted(by_slot))
+        slots = tuple(s for s in self.order if s in by_slot) if self.order else tuple(sorted(by_slot))
         width = max(len(by_slot[s][0]) for s in slots)
         row_idx = torch.zeros(len(slots), width, dtype=torch.int64)  # (D, W) rows, padded
         row_w = torch.zeros(len(slots), width, dtype=torch.float32)  # (D, W)
@@ -241,7 +246,7 @@ class Router:
         plan = self._cache.get(key, _MISSING)
         if plan is _MISSING:
             expanded = rows.expand(batch_size)
-            plan = RoutingPlan(expanded) if any(expanded) else None
+            plan = RoutingPlan(expanded, rows.order) if any(expanded) else None
             if len(self._cache) > 64:
                 self._cache.clear()
             self._cache[key] = plan

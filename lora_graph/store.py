@@ -70,11 +70,11 @@ class HostAdapter:
     """An adapter held in one contiguous host buffer; its ModuleLora tensors are views of it."""
 
     weights: AdapterWeights
-    buffer: torch.Tensor  # (numel,) in the adapters' dtype
+    buffer: torch.Tensor | None  # (numel,) in the adapters' dtype; None: views of the mapped file
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
+        return self.buffer.numel() * self.buffer.element_size() if self.buffer is not None else 0
 
 
 def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdapter:
@@ -102,7 +102,7 @@ def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdap
 
 def to_device(host: HostAdapter, device: torch.device, stream=None) -> AdapterWeights:
     """The adapter's factors on ``device``, moved in one transfer (views of one device buffer)."""
-    if host.buffer.device == device:
+    if host.buffer is None or host.buffer.device == device:
         return host.weights
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))

@@ -40,7 +40,7 @@ from . import ops, patch
 from .adapters import read_adapter, read_config
 from .bank import AdapterBank
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
-from .store import HostCache, coalesce, to_device
+from .store import HostAdapter, HostCache, coalesce, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,11 @@ class LoraGraph:
         self._banks: dict[str, AdapterBank] = {}
         self._originals: dict[str, nn.Module] = {}
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        # A model on the CPU: the slots already are host memory, so a load copies straight from
+        # the memory-mapped file into its slot, and the OS page cache is the host tier.
+        self._coalesce = patch.module_device(model).type != "cpu"
+        if not self._coalesce:
+            self._host.capacity = 0
         self.router = Router()
         self._tokens = threading.local()
         self._hooks = [
@@ -185,7 +190,7 @@ class LoraGraph:
                 self._release(old_slot, restore=False)
             self._infos[name] = AdapterInfo(
                 name, str(path), settings.r, settings.lora_alpha, settings.use_rslora,
-                targets=tuple(sorted(host.weights.modules)), nbytes=host.weights.nbytes,
+                targets=tuple(sorted(host.weights.modules)), nbytes=self._nbytes(host),
             )
             self._pickle_ok[name] = allow_pickle
             self._host.put(name, host)
@@ -252,7 +257,7 @@ class LoraGraph:
             return {
                 "device": {
                     "slot_buffers": sum(bank.nbytes for bank in self._banks.values()),
-                    "adapters": sum(self._slot_bytes.get(s, 0) for s in self._slots.values()),
+                    "adapters": sum(self._slot_bytes.get(s, 0) for s in self._occupied()),
                     "resident": len(self._slots),
                     "max_loaded": self.max_loaded,
                 },
@@ -343,7 +348,15 @@ class LoraGraph:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
             if too_big:
                 raise ValueError(f"{folder}: module {too_big[0][0]!r} has rank {too_big[0][1]} > max_rank={self.max_rank}")
+        if not self._coalesce:
+            return HostAdapter(weights, None)
         return coalesce(weights, self.adapter_dtype, pin=self._stream is not None)
+
+    def _nbytes(self, host) -> int:
+        """The adapter's factor bytes in the dtype its slots keep them in."""
+        itemsize = torch.empty(0, dtype=self.adapter_dtype).element_size()
+        return sum(m.a.numel() + m.b.numel() + (m.bias.numel() if m.bias is not None else 0)
+                   for m in host.weights.modules.values()) * itemsize
 
     def _host_copy(self, name: str):
         host = self._host.get(name)
@@ -353,16 +366,41 @@ class LoraGraph:
             self._host.put(name, host)
             if info.targets is None:
                 self._infos[name] = AdapterInfo(info.name, info.path, info.rank, info.alpha, info.use_rslora,
-                                                tuple(sorted(host.weights.modules)), host.weights.nbytes)
+                                                tuple(sorted(host.weights.modules)), self._nbytes(host))
         return host
 
     def _page_in(self, names, protect: set[str]) -> None:
-        """Make ``names`` resident. All missing weights are read before anything is evicted, so a
-        path that vanished or went corrupt fails the request and costs no resident adapter."""
+        """Make ``names`` resident. All missing weights are read, and room for them is checked,
+        before anything is evicted: a path that vanished or went corrupt, or a batch that cannot
+        fit beside pinned and running adapters, fails the request and costs no resident adapter."""
         missing = [n for n in names if n not in self._slots]
+        if not missing:
+            self._touch(names)
+            return
         hosts = {n: self._host_copy(n) for n in missing}
-        for name in missing:
-            self._slots[name] = self._place(hosts[name], protect=protect | set(missing))
+        if self.max_loaded is not None:
+            room = self.max_loaded - len(self._occupied())
+            evictable = [n for n in self._lru if n not in protect and n not in self._pinned
+                         and self._refs[self._slots[n]] == 0]
+            if room + len(evictable) < len(missing):
+                raise RuntimeError(
+                    f"cannot page in {missing}: the {self.max_loaded} adapter slots are pinned or held by running "
+                    "requests; unpin an adapter, wait for requests to finish, or wrap with a larger max_loaded"
+                )
+        placed = []
+        try:
+            for name in missing:
+                self._slots[name] = self._place(hosts[name], protect=protect | set(missing))
+                self._lru[name] = None
+                placed.append(name)
+        except BaseException:
+            for name in placed:  # roll back: nothing half-resident
+                self._lru.pop(name, None)
+                self._free(self._slots.pop(name), restore=False)
+            raise
+        self._touch(names)
+
+    def _touch(self, names) -> None:
         for name in names:
             self._lru[name] = None
             self._lru.move_to_end(name)
@@ -421,7 +459,7 @@ class LoraGraph:
             self._banks[mod_name] = new_banks[mod_name]
             patch.set_module(self.model, mod_name, wrapper)
         self._slot_modules[slot] = tuple(host.weights.modules)
-        self._slot_bytes[slot] = host.weights.nbytes
+        self._slot_bytes[slot] = self._nbytes(host)
         return slot
 
     def _release(self, slot: int, restore: bool) -> None:

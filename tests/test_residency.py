@@ -557,10 +557,34 @@ def test_memory_reports_slot_buffers_resident_bytes_and_host_cache(pristine, poo
         slot_buffers = sum(max_loaded * (max_rank * (shapes[m][0] + shapes[m][1]) + (shapes[m][1] if bias else 0))
                            for m, bias in patched.items()) * size
         assert mem["device"]["slot_buffers"] == slot_buffers
-        cached = read_order[-max_cpu:]
-        assert mem["host"]["cached"] == len(cached) <= max_cpu
-        assert mem["host"]["cache"] == sum(adapter_bytes(pool[n], dtype) for n in cached)
+        assert mem["host"]["cached"] == 0 and mem["host"]["cache"] == 0 and mem["host"]["max_cpu"] == 0
     assert len(read_order) == 7  # p00 stayed resident; p01..p03 and p05..p07 were read, the rest never
+
+
+def test_host_cache_keeps_the_last_max_cpu_coalesced_adapters(pool, pristine):
+    """The host tier used when the model is on an accelerator: each adapter in ONE buffer whose
+    views are the factors, least recently used dropped first."""
+    from lora_graph import patch
+    from lora_graph.adapters import read_adapter
+    from lora_graph.store import HostCache, coalesce, to_device
+
+    shapes = {n: patch.shape_of(m) for n, m in patch.patchable_modules(pristine).items()}
+    cache = HostCache(2)
+    for name in ("p00", "p01", "p02"):
+        weights = read_adapter(pool[name], shapes)
+        host = coalesce(weights, torch.bfloat16, pin=False)
+        ptr, end = host.buffer.data_ptr(), host.buffer.data_ptr() + host.nbytes
+        for module, lora in host.weights.modules.items():
+            assert ptr <= lora.a.data_ptr() < end and ptr <= lora.b.data_ptr() < end
+            assert torch.equal(lora.a, weights.modules[module].a.to(torch.bfloat16))
+            assert torch.equal(lora.b, weights.modules[module].b.to(torch.bfloat16))
+        assert host.nbytes == adapter_bytes(pool[name], torch.bfloat16)
+        assert to_device(host, torch.device("cpu")) is host.weights  # already there: no copy
+        cache.put(name, host)
+    assert "p00" not in cache and "p01" in cache and "p02" in cache and len(cache) == 2
+    cache.get("p01")
+    cache.put("p03", coalesce(read_adapter(pool["p03"], shapes), torch.float32, pin=False))
+    assert "p02" not in cache and "p01" in cache and "p03" in cache
 
 
 # -- progress -------------------------------------------------------------------------------------
