@@ -35,6 +35,7 @@ def lora_delta(
     token: torch.Tensor,
     coef: torch.Tensor,
     identity: bool = False,
+    alpha: float | None = None,
 ) -> torch.Tensor:
     """Add the LoRA branch of every lane to ``base`` and return it in ``base.dtype``.
 
@@ -48,6 +49,8 @@ def lora_delta(
         coef: ``(D, M)`` or ``(D, M, 1)`` fp32, ``w · s`` of each lane (0 on padding lanes).
         identity: the lanes are exactly tokens ``0..T-1`` in order (one slot, one lane per token),
             so no gather or scatter is needed.
+        alpha: with ``identity``, the one ``w · s`` every lane shares, if they all do: the branch
+            is then added in the same pass as the expand.
 
     Semantics::
 
@@ -63,7 +66,7 @@ def lora_delta(
         return out.to(base.dtype)
 
     Accumulation is fp32 and the result is rounded to the base dtype once, as PEFT does with its
-    default fp32 adapter weights.
+    default fp32 adapter weights; the coefficient multiplies ``B(Ax) + b``, in PEFT's order.
     """
     num_slots, _, k = a.shape
     n = b.shape[1]
@@ -72,16 +75,16 @@ def lora_delta(
         coef = coef.unsqueeze(-1)  # (D, M, 1)
     xs = x if identity else x.index_select(0, token)  # (D*M, K)
     h = torch.bmm(_f32(xs).view(num_slots, rows, k), _f32(a).transpose(1, 2))  # (D, M, R)
-    h.mul_(coef)
     bt = _f32(b).transpose(1, 2)  # (D, R, N)
     out = _f32(base)
-    if identity and bias is None:
-        # one pass over the output: base + h·Bᵀ
-        out = torch.baddbmm(out.view(1, rows, n), h, bt).view(rows, n)  # (T, N)
+    if identity and bias is None and alpha is not None:
+        # one pass over the output: base + alpha·(h·Bᵀ)
+        out = torch.baddbmm(out.view(1, rows, n), h, bt, alpha=alpha).view(rows, n)  # (T, N)
     else:
         y = torch.bmm(h, bt)  # (D, M, N)
         if bias is not None:
-            y.addcmul_(coef, _f32(bias).unsqueeze(1))
+            y.add_(_f32(bias).unsqueeze(1))
+        y.mul_(coef)
         y = y.view(num_slots * rows, n)  # (D*M, N)
         out = out + y if identity else out.index_add(0, token, y)
     return out if out.dtype == base.dtype else out.to(base.dtype)
@@ -120,8 +123,8 @@ def lora_embedding_delta(
     rows = coef.shape[1]
     lane_ids = ids.index_select(0, token).view(num_slots, 1, rows).expand(num_slots, r, rows)
     h = torch.gather(a, 2, lane_ids).float().transpose(1, 2)  # (D, M, R)
-    h = h * (coef if coef.dim() == 3 else coef.unsqueeze(-1))
-    y = torch.bmm(h, _f32(b).transpose(1, 2)).view(num_slots * rows, n)  # (D*M, N)
+    y = torch.bmm(h, _f32(b).transpose(1, 2))  # (D, M, N)
+    y = (y * (coef if coef.dim() == 3 else coef.unsqueeze(-1))).view(num_slots * rows, n)  # (D*M, N)
     if embed_scale is not None:
         scale = embed_scale.float() if torch.is_tensor(embed_scale) else float(embed_scale)
         y = y * scale

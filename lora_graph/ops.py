@@ -57,7 +57,8 @@ def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
         bias = state.bias if state.with_bias.intersection(grid.slots) else None
         return _triton().lora_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes, inplace=True)
     a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
-    return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity)
+    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+    return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, alpha)
 
 
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:

@@ -129,6 +129,7 @@ class Grid:
     token: torch.Tensor  # (D*M,) int64
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
+    uniform: float | None = None  # the weight every lane shares, when they all do
 
 
 @dataclass
@@ -203,7 +204,9 @@ class RoutingPlan:
         token = (row_idx.unsqueeze(-1) * per_row + offs).reshape(-1)  # (D*W*L,)
         weight = row_w.unsqueeze(-1).expand(-1, -1, per_row).reshape(len(slots), width * per_row)  # (D, M)
         identity = len(slots) == 1 and width == batch and by_slot[slots[0]][0] == list(range(batch))
-        return Grid(slots, token.to(device), weight.contiguous().to(device), identity)
+        weights = {w for s in slots for w in by_slot[s][1]}
+        uniform = weights.pop() if len(weights) == 1 and width == min(len(by_slot[s][0]) for s in slots) else None
+        return Grid(slots, token.to(device), weight.contiguous().to(device), identity, uniform)
 
 
 _MISSING = object()
