@@ -24,6 +24,7 @@ nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -38,13 +39,22 @@ class BankState:
     scale: dict = field(default_factory=dict)  # slot -> float
     rank: dict = field(default_factory=dict)  # slot -> int
     with_bias: frozenset = frozenset()
-    scale_t: torch.Tensor | None = None  # (S,) fp32, for the kernels
-    rank_t: torch.Tensor | None = None  # (S,) int32, for the kernels
     version: int = 0
 
     @property
     def present(self) -> frozenset[int]:
         return frozenset(self.rank)
+
+    # per-slot tables for the kernels, built on first use (absent slots hold 0; no lane points there)
+    @cached_property
+    def scale_t(self) -> torch.Tensor:  # (S,) fp32
+        return torch.tensor([self.scale.get(i, 0.0) for i in range(self.a.shape[0])], dtype=torch.float32,
+                            device=self.a.device)
+
+    @cached_property
+    def rank_t(self) -> torch.Tensor:  # (S,) int32
+        return torch.tensor([self.rank.get(i, 0) for i in range(self.a.shape[0])], dtype=torch.int32,
+                            device=self.a.device)
 
 
 @dataclass
@@ -68,7 +78,7 @@ class AdapterBank:
         self.grow = grow
         a = torch.zeros(slots, rank, in_features, device=device, dtype=dtype)
         b = torch.zeros(slots, out_features, rank, device=device, dtype=dtype)
-        self.state = self._tables(BankState(a, b, None))
+        self.state = BankState(a, b, None)
         self._gathered: tuple | None = None
 
     # -- what forwards read ---------------------------------------------------------------
@@ -122,8 +132,8 @@ class AdapterBank:
         """Follow the base module when the model is moved after adapters were loaded."""
         st = self.state
         self.device = device
-        self.state = self._tables(replace(st, a=st.a.to(device), b=st.b.to(device),
-                                          bias=st.bias.to(device) if st.bias is not None else None))
+        self.state = replace(st, a=st.a.to(device), b=st.b.to(device),
+                             bias=st.bias.to(device) if st.bias is not None else None)
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
         """Storage holding ``lora`` in ``slot``; the current state is not modified."""
@@ -159,8 +169,8 @@ class AdapterBank:
                 bias[s].zero_()
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
-        self.state = self._tables(BankState(a, b, bias, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank},
-                                            with_bias, version=st.version + 1))
+        self.state = BankState(a, b, bias, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank},
+                               with_bias, version=st.version + 1)
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -168,11 +178,4 @@ class AdapterBank:
             return
         scale = {k: v for k, v in st.scale.items() if k != slot}
         rank = {k: v for k, v in st.rank.items() if k != slot}
-        self.state = self._tables(replace(st, scale=scale, rank=rank, with_bias=st.with_bias - {slot},
-                                          version=st.version + 1))
-
-    def _tables(self, st: BankState) -> BankState:
-        slots = st.a.shape[0]
-        scale_t = torch.tensor([st.scale.get(i, 0.0) for i in range(slots)], dtype=torch.float32, device=self.device)
-        rank_t = torch.tensor([st.rank.get(i, 0) for i in range(slots)], dtype=torch.int32, device=self.device)
-        return replace(st, scale_t=scale_t, rank_t=rank_t)
+        self.state = replace(st, scale=scale, rank=rank, with_bias=st.with_bias - {slot}, version=st.version + 1)

@@ -85,6 +85,10 @@ class LoraGraph:
         if max_cpu is not None and (isinstance(max_cpu, bool) or not isinstance(max_cpu, int) or max_cpu < 0):
             raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
         self.model = model
+        # the patchable modules (by their original objects) and shapes, found once: walking a large
+        # model's module tree on every load would cost more than reading a small adapter
+        self._modules = patch.patchable_modules(model)
+        self._shapes = {n: patch.shape_of(m) for n, m in self._modules.items()}
         self.backend = ops.resolve_backend(backend, patch.module_device(model))
         self.adapter_dtype = adapter_dtype
         self.max_loaded = max_loaded
@@ -340,9 +344,8 @@ class LoraGraph:
 
     # -- residency (call with the lock held) ---------------------------------------------------
     def _read(self, name: str, folder: Path, allow_pickle: bool):
-        modules = patch.patchable_modules(self.model)
-        shapes = {n: patch.shape_of(m) for n, m in modules.items()}
-        weights = read_adapter(folder, shapes, allow_pickle=allow_pickle,
+        modules = self._modules
+        weights = read_adapter(folder, self._shapes, allow_pickle=allow_pickle,
                                base_weight=lambda n: patch.plain_weight(modules.get(n)))
         if self.max_rank is not None:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
@@ -435,14 +438,14 @@ class LoraGraph:
 
     def _place(self, host, protect: set[str], avoid: set[int] = frozenset()) -> int:
         """Put a coalesced adapter into a free slot (evicting if needed) and return the slot."""
-        modules = patch.patchable_modules(self.model)
+        modules = self._modules
         slot = self._free_slot(protect, set(avoid))
         capacity = self.max_loaded or slot + 1
         staged, new_banks, on_device = {}, {}, {}
         for mod_name, lora in host.weights.modules.items():
             bank = self._banks.get(mod_name)
             if bank is None:
-                base, shape = modules[mod_name], patch.shape_of(modules[mod_name])
+                base, shape = modules[mod_name], self._shapes[mod_name]
                 bank = new_banks[mod_name] = AdapterBank(
                     shape.in_features, shape.out_features, patch.module_device(base), self.adapter_dtype,
                     slots=capacity, rank=self.max_rank or 0,
