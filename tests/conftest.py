@@ -8,3 +8,21 @@ tensors in Triton's interpreter. backend="auto" still picks the torch path on CP
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from helpers import make_adapters, tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory):
+    """``adapter_dirs(arch)``: the three PEFT adapters of helpers.make_adapters for the arch's tiny
+    model, written once per test session."""
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = make_adapters(tiny_model(arch), arch, tmp_path_factory.mktemp(arch))
+        return cache[arch]
+
+    return get

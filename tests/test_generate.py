@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHS, make_adapters, peft_oracle, tiny_model, token_ids
+from helpers import ARCHS, peft_oracle, tiny_model, token_ids
 
 import lora_graph
 
@@ -24,18 +24,6 @@ MODES = {
     "beams": dict(num_beams=2),
     "beams_2_sequences": dict(num_beams=2, num_return_sequences=2),
 }
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_adapters(tiny_model(arch), arch, tmp_path_factory.mktemp(arch))
-        return cache[arch]
-
-    return get
 
 
 def prompts(padded: bool):

@@ -13,7 +13,6 @@ from helpers import (
     EXTRA_TARGETS,
     adapter_dir,
     digest,
-    make_adapters,
     module_map,
     peft_oracle,
     peft_rows,
@@ -30,18 +29,6 @@ import lora_graph
 ARCH_NAMES = list(ARCHS)
 ATOL32 = 1e-4
 GEN = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_adapters(tiny_model(arch), arch, tmp_path_factory.mktemp(arch))
-        return cache[arch]
-
-    return get
 
 
 def module_names(model, suffixes) -> list[str]:

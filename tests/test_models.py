@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from helpers import ARCHS, make_adapters, merged_copy, peft_oracle, peft_rows, tiny_model, token_ids
+from helpers import ARCHS, merged_copy, peft_oracle, peft_rows, tiny_model, token_ids
 
 import lora_graph
 
@@ -31,18 +31,6 @@ MIXED = {
     "one_adapter_everywhere": ["c", "c", "c"],
     "no_adapter": ["__base__", "__base__"],
 }
-
-
-@pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = make_adapters(tiny_model(arch), arch, tmp_path_factory.mktemp(arch))
-        return cache[arch]
-
-    return get
 
 
 def as_spec(names):
