@@ -159,9 +159,10 @@ class AdapterBank:
         s, lora = staged.slot, staged.lora
         a, b, bias = staged.a, staged.b, staged.bias
         a[s, : lora.rank].copy_(lora.a)
-        a[s, lora.rank :].zero_()
         b[s, :, : lora.rank].copy_(lora.b)
-        b[s, :, lora.rank :].zero_()
+        if lora.rank < a.shape[1]:  # the padding past the rank must read as exact zeros
+            a[s, lora.rank :].zero_()
+            b[s, :, lora.rank :].zero_()
         if bias is not None:
             if lora.bias is not None:
                 bias[s].copy_(lora.bias)

@@ -56,7 +56,7 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
             numel = 1
             for d in shape:
                 numel *= int(d)
-            itemsize = torch.empty(0, dtype=dtype).element_size()
+            itemsize = dtype.itemsize
             if not 0 <= start <= end or end - start != numel * itemsize or data is None or end > data.numel():
                 raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
             tensors[name] = data[start:end].view(dtype).view(*shape) if numel else torch.empty(shape, dtype=dtype)
