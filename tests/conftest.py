@@ -3,11 +3,15 @@
 Triton reads TRITON_INTERPRET when it decorates kernels, so it is set here, before any test module
 imports triton (directly, or through bitsandbytes or transformers): the kernels then run on CPU
 tensors in Triton's interpreter. backend="auto" still picks the torch path on CPU.
+
+The models here are tiny, so one intra-op thread is as fast as several and keeps the suite's
+time steady on a busy machine (subprocesses started by tests inherit it).
 """
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
