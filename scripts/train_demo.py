@@ -199,6 +199,7 @@ def main(argv=None) -> None:
         cfg_path = target / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["base_model_name_or_path"] = "lora_graph/demo_assets/base"  # not the training machine's path
+        cfg["target_modules"] = sorted(cfg["target_modules"])  # PEFT writes a set, in hash order
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     logger.info("done in %.0fs: %s", time.perf_counter() - t0, json.dumps(report))
