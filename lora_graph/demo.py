@@ -9,8 +9,9 @@ adapters use different ranks and target sets on purpose, so one batch mixes them
 is reproduced by ``scripts/train_demo.py``; a fixed share of all words (chosen by hash) was never
 trained on, and :func:`heldout_words` draws evaluation words from that share only.
 
-This module holds the data side (paths, prompts, expected outputs, held-out words) and the
-optional quantization of a loaded base. Loading the model is left to the caller.
+This module holds the data side (paths, prompts, expected outputs, held-out words), greedy
+decoding of a mixed batch in one ``generate`` call (:func:`complete`), and the optional
+quantization of a loaded base. Loading the model is left to the caller (the CLI, tests, benchmarks).
 """
 
 from __future__ import annotations
