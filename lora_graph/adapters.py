@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import warnings
@@ -58,9 +59,8 @@ class ModuleLora:
     scale: float
 
     @property
-    def nbytes(self) -> int:
-        n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
-        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+    def numel(self) -> int:
+        return self.a.numel() + self.b.numel() + (self.bias.numel() if self.bias is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,55 @@ class AdapterWeights:
     modules: dict[str, ModuleLora]
 
     @property
-    def nbytes(self) -> int:
-        return sum(m.nbytes for m in self.modules.values())
+    def numel(self) -> int:
+        """Elements of all factors: the adapter's size in any dtype."""
+        return sum(m.numel for m in self.modules.values())
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file as zero-copy views of its memory map (read-only)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ValueError("file too short")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        header_len = int.from_bytes(mapped[:8], "little")
+        if header_len <= 0 or 8 + header_len > size:
+            raise ValueError("bad header length")
+        header = json.loads(bytes(mapped[8 : 8 + header_len]))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        header.pop("__metadata__", None)
+        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + header_len) if size > 8 + header_len else None
+        tensors = {}
+        for name, info in header.items():
+            dtype = _DTYPES.get(info.get("dtype"))
+            shape, (start, end) = info["shape"], info["data_offsets"]
+            if dtype is None:
+                raise ValueError(f"unsupported dtype {info.get('dtype')!r} for {name!r}")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            itemsize = dtype.itemsize
+            if not 0 <= start <= end or end - start != numel * itemsize or data is None or end > data.numel():
+                raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
+            tensors[name] = data[start:end].view(dtype).view(*shape) if numel else torch.empty(shape, dtype=dtype)
+        return tensors
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st = folder / SAFETENSORS_NAME
     if st.is_file():
-        from .store import mmap_safetensors
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # views of a read-only map; never written
             return mmap_safetensors(st)

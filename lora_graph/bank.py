@@ -41,8 +41,8 @@ class BankState:
     with_bias: frozenset = frozenset()
     version: int = 0
 
-    @property
-    def present(self) -> frozenset[int]:
+    @cached_property
+    def present(self) -> frozenset[int]:  # read by every forward of every patched layer
         return frozenset(self.rank)
 
     # per-slot tables for the kernels, built on first use (absent slots hold 0; no lane points there)

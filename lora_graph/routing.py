@@ -255,10 +255,6 @@ class Router:
             self._cache[key] = plan
         return plan
 
-    def invalidate(self) -> None:
-        """Forget cached plans (slots changed)."""
-        self._cache.clear()
-
     def current(self, leading_dim: int | None = None) -> RoutingPlan | None:
         """The plan of the running forward, or one built from a layer's batch dimension when a
         submodule is called directly inside ``use()``."""

@@ -6,64 +6,19 @@ Three tiers, fastest first:
   contiguous buffer (pinned when CUDA is present) so putting it on the device is one transfer;
 - registry: a name and a path; nothing is read until a request needs the adapter.
 
-Reading goes through mmap: the safetensors header is parsed here and each tensor is a view of the
-mapped file, validated in place (adapters.py) and copied once, straight into the coalesced buffer,
-in the dtype the adapters are kept in.
+Reading goes through mmap (adapters.py): each tensor is a view of the mapped file, validated in
+place and copied once, straight into the coalesced buffer (or, on a CPU model, into its slot), in
+the dtype the adapters are kept in.
 """
 
 from __future__ import annotations
 
-import json
-import mmap
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .adapters import AdapterWeights, ModuleLora
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as zero-copy views of its memory map (read-only)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ValueError("file too short")
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header_len = int.from_bytes(mapped[:8], "little")
-        if header_len <= 0 or 8 + header_len > size:
-            raise ValueError("bad header length")
-        header = json.loads(bytes(mapped[8 : 8 + header_len]))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-        header.pop("__metadata__", None)
-        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + header_len) if size > 8 + header_len else None
-        tensors = {}
-        for name, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            shape, (start, end) = info["shape"], info["data_offsets"]
-            if dtype is None:
-                raise ValueError(f"unsupported dtype {info.get('dtype')!r} for {name!r}")
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            itemsize = dtype.itemsize
-            if not 0 <= start <= end or end - start != numel * itemsize or data is None or end > data.numel():
-                raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
-            tensors[name] = data[start:end].view(dtype).view(*shape) if numel else torch.empty(shape, dtype=dtype)
-        return tensors
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
-
 
 @dataclass(frozen=True)
 class HostAdapter:

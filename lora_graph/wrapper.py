@@ -144,12 +144,8 @@ class LoraGraph:
         The config is read and validated now (refused fields fail here), the weights later.
         """
         self._check_live()
-        self._check_name(name, replace)
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
-        settings = read_config(folder)
-        info = AdapterInfo(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora)
+        folder, settings = self._open(name, path, replace)
+        info = self._info(name, path, settings)
         with self._lock:
             if name in self._infos and not replace:
                 raise ValueError(f"adapter {name!r} is already registered; unload_adapter({name!r}) first")
@@ -179,12 +175,8 @@ class LoraGraph:
             with self._lock:
                 self._page_in([name], protect={name})
                 return self._infos[name]
-        self._check_name(name, replace)
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
-        settings = read_config(folder)
-        host = self._read(name, folder, allow_pickle)  # outside the lock: reading is the slow part
+        folder, settings = self._open(name, path, replace)
+        host = self._read(folder, allow_pickle)  # outside the lock: reading is the slow part
         with self._lock:
             if name in self._infos and not replace:
                 raise ValueError(f"adapter {name!r} is already loaded; unload_adapter({name!r}) first")
@@ -192,15 +184,11 @@ class LoraGraph:
             slot = self._place(host, protect={name}, avoid={old_slot} if old_slot is not None else set())
             if old_slot is not None:
                 self._release(old_slot, restore=False)
-            self._infos[name] = AdapterInfo(
-                name, str(path), settings.r, settings.lora_alpha, settings.use_rslora,
-                targets=tuple(sorted(host.weights.modules)), nbytes=self._nbytes(host),
-            )
+            self._infos[name] = self._info(name, path, settings, host)
             self._pickle_ok[name] = allow_pickle
             self._host.put(name, host)
             self._slots[name] = slot
-            self._lru[name] = None
-            self._lru.move_to_end(name)
+            self._touch([name])
         logger.info("loaded adapter %r from %s into slot %d", name, path, slot)
         return self._infos[name]
 
@@ -343,7 +331,24 @@ class LoraGraph:
             self.router.end_forward(stack.pop())
 
     # -- residency (call with the lock held) ---------------------------------------------------
-    def _read(self, name: str, folder: Path, allow_pickle: bool):
+    def _open(self, name, path, replace: bool):
+        """Check a name and a directory and read its config: what registering and loading share."""
+        self._check_name(name, replace)
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
+        return folder, read_config(folder)
+
+    def _info(self, name: str, path, settings, host=None) -> AdapterInfo:
+        """What ``adapters`` says of an adapter; targets and bytes once its weights were read."""
+        targets = nbytes = None
+        if host is not None:
+            targets = tuple(sorted(host.weights.modules))
+            # the bytes its slots hold, in the dtype they keep the factors in
+            nbytes = host.weights.numel * self.adapter_dtype.itemsize
+        return AdapterInfo(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes)
+
+    def _read(self, folder: Path, allow_pickle: bool):
         modules = self._modules
         weights = read_adapter(folder, self._shapes, allow_pickle=allow_pickle,
                                base_weight=lambda n: patch.plain_weight(modules.get(n)))
@@ -355,21 +360,14 @@ class LoraGraph:
             return HostAdapter(weights, None)
         return coalesce(weights, self.adapter_dtype, pin=self._stream is not None)
 
-    def _nbytes(self, host) -> int:
-        """The adapter's factor bytes in the dtype its slots keep them in."""
-        itemsize = torch.empty(0, dtype=self.adapter_dtype).element_size()
-        return sum(m.a.numel() + m.b.numel() + (m.bias.numel() if m.bias is not None else 0)
-                   for m in host.weights.modules.values()) * itemsize
-
     def _host_copy(self, name: str):
         host = self._host.get(name)
         if host is None:
             info = self._infos[name]
-            host = self._read(name, Path(info.path), self._pickle_ok.get(name, False))
+            host = self._read(Path(info.path), self._pickle_ok.get(name, False))
             self._host.put(name, host)
             if info.targets is None:
-                self._infos[name] = AdapterInfo(info.name, info.path, info.rank, info.alpha, info.use_rslora,
-                                                tuple(sorted(host.weights.modules)), self._nbytes(host))
+                self._infos[name] = self._info(name, info.path, host.weights.settings, host)
         return host
 
     def _page_in(self, names, protect: set[str]) -> None:
@@ -383,9 +381,7 @@ class LoraGraph:
         hosts = {n: self._host_copy(n) for n in missing}
         if self.max_loaded is not None:
             room = self.max_loaded - len(self._occupied())
-            evictable = [n for n in self._lru if n not in protect and n not in self._pinned
-                         and self._refs[self._slots[n]] == 0]
-            if room + len(evictable) < len(missing):
+            if room + len(list(self._evictable(protect))) < len(missing):
                 raise RuntimeError(
                     f"cannot page in {missing}: the {self.max_loaded} adapter slots are pinned or held by running "
                     "requests; unpin an adapter, wait for requests to finish, or wrap with a larger max_loaded"
@@ -411,11 +407,13 @@ class LoraGraph:
     def _occupied(self) -> set[int]:
         return set(self._slots.values()) | set(self._doomed)
 
+    def _evictable(self, protect: set[str]):
+        """Resident adapters that may lose their slot, least recently used first."""
+        return (n for n in self._lru
+                if n not in protect and n not in self._pinned and self._refs[self._slots[n]] == 0)
+
     def _victim(self, protect: set[str]) -> str | None:
-        for name in self._lru:  # least recently used first
-            if name not in protect and name not in self._pinned and self._refs[self._slots[name]] == 0:
-                return name
-        return None
+        return next(self._evictable(protect), None)
 
     def _free_slot(self, protect: set[str], avoid: set[int]) -> int:
         occupied = self._occupied() | avoid
@@ -462,7 +460,7 @@ class LoraGraph:
             self._banks[mod_name] = new_banks[mod_name]
             patch.set_module(self.model, mod_name, wrapper)
         self._slot_modules[slot] = tuple(host.weights.modules)
-        self._slot_bytes[slot] = self._nbytes(host)
+        self._slot_bytes[slot] = host.weights.numel * self.adapter_dtype.itemsize
         return slot
 
     def _release(self, slot: int, restore: bool) -> None:
