@@ -28,13 +28,12 @@ Needs a CUDA GPU; without one it exits with a message and writes nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 
 import torch
-from _env import git_commit
+from _env import git_commit, write_json
 
 SHAPES = {"qkvo": (4096, 4096), "gate_up": (4096, 14336), "down": (14336, 4096)}
 DECODE = (1, 16, 64, 256)
@@ -217,10 +216,7 @@ def main() -> None:
         "timing": "median ms; triton.testing.do_bench (eager) and do_bench_cudagraph (decode)",
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ descheduled thread, and the numbers measure that instead.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -37,7 +36,7 @@ import tempfile
 import time
 
 import torch
-from _env import environment
+from _env import environment, write_json
 from peft import LoraConfig, PeftModel
 from peft.utils.hotswap import hotswap_adapter
 from safetensors.torch import save_file
@@ -237,9 +236,7 @@ def main() -> None:
         "repeats": args.repeats,
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(out, args.out)
 
     print(f"device: {out['device']} ({out['threads']} threads), torch {out['torch']}, peft {out['peft']}")
     print(f"{'':28}{'big r=16 all-linear':>26}{'small r=8 q,v':>26}")
@@ -253,7 +250,6 @@ def main() -> None:
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
           f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import lora_graph  # noqa: E402
 from lora_graph import demo  # noqa: E402
+from _env import cpu_name, git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = (*demo.ADAPTERS, "base")
@@ -83,24 +83,6 @@ def merged(tokenizer, words: list[str], quantize: str) -> dict[str, float]:
     answers, _ = demo.complete(model, tokenizer, words)
     out["base"] = score(answers, "copy", words)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def markdown(report: dict) -> str:
