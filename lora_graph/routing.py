@@ -129,7 +129,7 @@ class Grid:
     token: torch.Tensor  # (D*M,) int64
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
-    uniform: float | None = None  # the weight every lane shares, when they all do
+    uniform: float | None = None  # identity grids: the weight every lane shares, when they all do
 
 
 @dataclass
@@ -143,10 +143,6 @@ class RoutingPlan:
     @property
     def batch_size(self) -> int:
         return len(self.rows)
-
-    @property
-    def slots(self) -> frozenset[int]:
-        return frozenset(s for row in self.rows for s, _ in row)
 
     @property
     def max_lanes(self) -> int:
@@ -204,8 +200,9 @@ class RoutingPlan:
         token = (row_idx.unsqueeze(-1) * per_row + offs).reshape(-1)  # (D*W*L,)
         weight = row_w.unsqueeze(-1).expand(-1, -1, per_row).reshape(len(slots), width * per_row)  # (D, M)
         identity = len(slots) == 1 and width == batch and by_slot[slots[0]][0] == list(range(batch))
-        weights = {w for s in slots for w in by_slot[s][1]}
-        uniform = weights.pop() if len(weights) == 1 and width == min(len(by_slot[s][0]) for s in slots) else None
+        uniform = None
+        if identity and len(set(by_slot[slots[0]][1])) == 1:
+            uniform = by_slot[slots[0]][1][0]
         return Grid(slots, token.to(device), weight.contiguous().to(device), identity, uniform)
 
 
