@@ -5,7 +5,9 @@ r=16 adapters on every linear layer. For 1 and 8 distinct adapters in the batch 
 - a decode step (one new token per row over a 128-token KV cache),
 - a 128-token prefill,
 for the base model alone, lora_graph, and PEFT's ``adapter_names`` mixed batch. The providers run
-interleaved in one process, so the ratios see the same machine load; medians are reported.
+interleaved in one process, one call each per round. Times are medians; a ratio is the median over
+rounds of that round's time over the base's time in the same round, so slow drifts of a shared
+machine cancel out.
 
     python benchmarks/bench_cpu_branch.py [--repeats 30] [--out benchmarks/results/cpu_branch.json]
 """
@@ -39,6 +41,11 @@ def make_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
         pm.save_pretrained(path)
         paths[f"a{i}"] = path
     return paths
+
+
+def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median over rounds of each provider's time over the base's time in the same round."""
+    return {p: statistics.median(t / b for t, b in zip(v, times["base"])) for p, v in times.items()}
 
 
 def main() -> None:
@@ -104,6 +111,7 @@ def main() -> None:
                     times[p].append(time.perf_counter() - t0)
                     caches[p].crop(-1)
             decode = {p: statistics.median(v) * 1e3 for p, v in times.items()}
+            decode_ratio = paired_ratios(times)
             # prefill: ctx tokens per row, no cache
             times = {p: [] for p in fns}
             for _ in range(2):
@@ -115,14 +123,15 @@ def main() -> None:
                     fn(input_ids=ids, use_cache=False)
                     times[p].append(time.perf_counter() - t0)
             prefill = {p: statistics.median(v) * 1e3 for p, v in times.items()}
+            prefill_ratio = paired_ratios(times)
             results[mix] = {
                 "decode_ms": decode,
                 "prefill_ms": prefill,
-                "decode_ratio": {p: decode[p] / decode["base"] for p in decode},
-                "prefill_ratio": {p: prefill[p] / prefill["base"] for p in prefill},
+                "decode_ratio": decode_ratio,
+                "prefill_ratio": prefill_ratio,
             }
-            print(f"{mix:>11}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode[p] / decode['base']:.3f}x)" for p in decode))
-            print(f"{mix:>11}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill[p] / prefill['base']:.3f}x)" for p in prefill))
+            print(f"{mix:>11}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode_ratio[p]:.3f}x)" for p in decode))
+            print(f"{mix:>11}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill_ratio[p]:.3f}x)" for p in prefill))
 
     out = {
         "benchmark": "cpu_branch",

@@ -36,6 +36,7 @@ def lora_delta(
     coef: torch.Tensor,
     identity: bool = False,
     alpha: float | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Add the LoRA branch of every lane to ``base`` and return it in ``base.dtype``.
 
@@ -51,6 +52,8 @@ def lora_delta(
             so no gather or scatter is needed.
         alpha: with ``identity``, the one ``w · s`` every lane shares, if they all do: the branch
             is then added in the same pass as the expand.
+        inplace: an fp32 ``base`` is updated and returned rather than copied (a patched layer owns
+            its fresh base output); other dtypes are accumulated in an fp32 copy anyway.
 
     Semantics::
 
@@ -71,22 +74,23 @@ def lora_delta(
     num_slots, _, k = a.shape
     n = b.shape[1]
     rows = coef.shape[1]
-    if coef.dim() == 2:
-        coef = coef.unsqueeze(-1)  # (D, M, 1)
-    xs = x if identity else x.index_select(0, token)  # (D*M, K)
-    h = torch.bmm(_f32(xs).view(num_slots, rows, k), _f32(a).transpose(1, 2))  # (D, M, R)
-    bt = _f32(b).transpose(1, 2)  # (D, R, N)
-    out = _f32(base)
+    out = base if inplace and base.dtype == torch.float32 else base.to(torch.float32, copy=True)
     if identity and bias is None and alpha is not None:
-        # one pass over the output: base + alpha·(h·Bᵀ)
-        out = torch.baddbmm(out.view(1, rows, n), h, bt, alpha=alpha).view(rows, n)  # (T, N)
+        # one slot, every token in order with one shared w·s: two plain GEMMs, the second one
+        # accumulating straight into the output
+        h = torch.mm(_f32(x), _f32(a[0]).t())  # (T, R)
+        out = out.addmm_(h, _f32(b[0]).t(), alpha=alpha)  # (T, N)
     else:
-        y = torch.bmm(h, bt)  # (D, M, N)
+        if coef.dim() == 2:
+            coef = coef.unsqueeze(-1)  # (D, M, 1)
+        xs = x if identity else x.index_select(0, token)  # (D*M, K)
+        h = torch.bmm(_f32(xs).view(num_slots, rows, k), _f32(a).transpose(1, 2))  # (D, M, R)
+        y = torch.bmm(h, _f32(b).transpose(1, 2))  # (D, M, N)
         if bias is not None:
             y.add_(_f32(bias).unsqueeze(1))
         y.mul_(coef)
         y = y.view(num_slots * rows, n)  # (D*M, N)
-        out = out + y if identity else out.index_add(0, token, y)
+        out = out.add_(y) if identity else out.index_add_(0, token, y)
     return out if out.dtype == base.dtype else out.to(base.dtype)
 
 

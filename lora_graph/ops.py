@@ -52,13 +52,15 @@ def _triton():
 
 def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
     """``base + Σ w·s·(B(Ax) + b)`` over the grid's lanes, in ``base.dtype``; ``state`` is the
-    bank snapshot this forward reads."""
+    bank snapshot this forward reads. ``base`` is the caller's own fresh tensor: it may be updated
+    in place and returned."""
     if backend == "triton":
         bias = state.bias if state.with_bias.intersection(grid.slots) else None
         return _triton().lora_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes, inplace=True)
     a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
     alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
-    return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, alpha)
+    return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, alpha,
+                                inplace=not base.requires_grad)
 
 
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:

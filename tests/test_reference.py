@@ -236,6 +236,34 @@ def test_bank_zero_pads_past_rank_and_reuses_slots():
     check(out, per_token(rows, loras, x, base, torch.float32, torch.float32), None, base, rows)
 
 
+@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct"])
+def test_lora_delta_inplace(kind):
+    """``inplace=True`` updates an fp32 ``base`` and returns it, with the same values as the copying
+    call, which leaves ``base`` alone; a low-precision ``base`` is never written."""
+    k, n = 48, 40
+    loras = make_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    rows = popularity("distinct", 4, len(loras)) if kind == "distinct" else ((((2, 0.5),),) * 4)
+    g = torch.Generator().manual_seed(7)
+    x, base = torch.randn(8, k, generator=g), torch.randn(8, n, generator=g)
+    grid = RoutingPlan(rows).grid(8, bank.present, CPU)
+    assert grid.identity == (kind != "distinct")
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
+    alpha = 0.5 * SCALES[2] if kind == "identity-shared-weight" else None
+    args = (a, b, bias, grid.token, coef, grid.identity, alpha)
+    kept = base.clone()
+    copied = reference.lora_delta(x, base, *args)
+    assert torch.equal(base, kept) and copied.data_ptr() != base.data_ptr()
+    updated = reference.lora_delta(x, base, *args, inplace=True)
+    assert updated is base
+    torch.testing.assert_close(updated, copied, rtol=0, atol=0)
+    check(copied, per_token(rows, loras, x, kept, torch.float32, torch.float32), None, kept, rows)
+    low = kept.bfloat16()
+    low_kept = low.clone()
+    assert reference.lora_delta(x, low, *args, inplace=True).dtype == torch.bfloat16
+    assert torch.equal(low, low_kept)
+
+
 class _CountOps(TorchFunctionMode):
     """Counts the torch calls made inside the block."""
 
