@@ -99,7 +99,9 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(header, dict):
             raise ValueError("header is not an object")
         header.pop("__metadata__", None)
-        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=8 + header_len) if size > 8 + header_len else None
+        begin = 8 + header_len
+        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin) if size > begin else None
+        flat: dict[torch.dtype, torch.Tensor] = {}  # the data as each dtype, where its alignment allows
         tensors = {}
         for name, info in header.items():
             dtype = _DTYPES.get(info.get("dtype"))
@@ -108,14 +110,34 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"unsupported dtype {info.get('dtype')!r} for {name!r}")
             numel = 1
             for d in shape:
+                if int(d) < 0:
+                    raise ValueError(f"negative dimension in the shape of {name!r}")
                 numel *= int(d)
             itemsize = dtype.itemsize
             if not 0 <= start <= end or end - start != numel * itemsize or data is None or end > data.numel():
                 raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
-            tensors[name] = data[start:end].view(dtype).view(*shape) if numel else torch.empty(shape, dtype=dtype)
+            if not numel:
+                tensors[name] = torch.empty(shape, dtype=dtype)
+            elif start % itemsize == 0 and begin % itemsize == 0:  # one view op per tensor
+                whole = flat.get(dtype)
+                if whole is None:
+                    whole = flat[dtype] = data[: data.numel() // itemsize * itemsize].view(dtype)
+                tensors[name] = whole.as_strided(shape, _contiguous_strides(shape), start // itemsize)
+            else:  # misaligned for its dtype: a copy (the mapped bytes cannot be viewed as it)
+                tensors[name] = data[start:end].clone().view(dtype).view(tuple(shape))
         return tensors
     except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    if len(shape) == 2:  # every LoRA factor
+        return (shape[1], 1)
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(int(d), 1)
+    return tuple(reversed(strides))
 
 
 def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -158,11 +158,16 @@ class AdapterBank:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
         s, lora = staged.slot, staged.lora
         a, b, bias = staged.a, staged.b, staged.bias
-        a[s, : lora.rank].copy_(lora.a)
-        b[s, :, : lora.rank].copy_(lora.b)
-        if lora.rank < a.shape[1]:  # the padding past the rank must read as exact zeros
-            a[s, lora.rank :].zero_()
-            b[s, :, lora.rank :].zero_()
+        r = lora.rank
+        a_s, b_s = a[s], b[s]  # (R, K), (N, R)
+        if r == a.shape[1]:
+            a_s.copy_(lora.a)
+            b_s.copy_(lora.b)
+        else:  # the padding past the rank must read as exact zeros
+            a_s[:r].copy_(lora.a)
+            a_s[r:].zero_()
+            b_s[:, :r].copy_(lora.b)
+            b_s[:, r:].zero_()
         if bias is not None:
             if lora.bias is not None:
                 bias[s].copy_(lora.bias)
@@ -177,6 +182,6 @@ class AdapterBank:
         st = self.state
         if slot not in st.rank:
             return
-        scale = {k: v for k, v in st.scale.items() if k != slot}
-        rank = {k: v for k, v in st.rank.items() if k != slot}
-        self.state = replace(st, scale=scale, rank=rank, with_bias=st.with_bias - {slot}, version=st.version + 1)
+        scale, rank = dict(st.scale), dict(st.rank)
+        del scale[slot], rank[slot]
+        self.state = BankState(st.a, st.b, st.bias, scale, rank, st.with_bias - {slot}, st.version + 1)

@@ -132,3 +132,37 @@ def test_adapter_info(pair):
     assert info.nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
     lm.unload_adapter("first")
     assert set(lm.adapters) == {"a"}
+
+
+@pytest.mark.parametrize("pad", [0, 3], ids=["aligned", "misaligned"])
+def test_mmap_reader_equals_safetensors(tmp_path, pad):
+    """The zero-copy reader gives safetensors' own tensors, for every dtype and shape, also when a
+    file's header length leaves the data misaligned for its dtypes (which the writer may do)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lora_graph.adapters import mmap_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g), "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f16": torch.randn(4, 1, 3, generator=g).half(), "i8": torch.randint(-9, 9, (2, 2, 3), dtype=torch.int8),
+        "i64": torch.randint(0, 1 << 40, (3,)), "empty": torch.empty(0, 4), "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    raw = path.read_bytes()
+    if pad:  # rewrite with a header padded by `pad` spaces: every data offset moves by `pad` bytes
+        n = int.from_bytes(raw[:8], "little")
+        header = raw[8 : 8 + n].rstrip(b" ") + b" " * pad
+        assert (8 + len(header)) % 2
+        raw = len(header).to_bytes(8, "little") + header + raw[8 + n :]
+        path.write_bytes(raw)
+        json.loads(header)
+    got = mmap_safetensors(path)
+    ref = load_file(str(path))
+    assert set(got) == set(ref)
+    for key, want in ref.items():
+        assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
+        assert torch.equal(got[key], want), key
