@@ -52,6 +52,8 @@ def _expand_kernel(
     start = tl.load(chunk_start_ptr + pid_c)
     end = tl.load(chunk_end_ptr + pid_c)
     rank = tl.load(rank_ptr + slot)
+    if rank == 0:  # a slot this module does not hold: it adds nothing (its bias may be stale)
+        return
     scale = tl.load(scale_ptr + slot).to(tl.float32)
     slot = slot.to(tl.int64)
     offs_m = start + tl.arange(0, BLOCK_M)

@@ -23,8 +23,9 @@ Integration notes (``from lora_graph.kernels import triton_ops``; it imports tri
   in a CUDA graph.
 - The kernels take the whole bank (``a (S, R, K)``, ``b (S, N, R)``, ``bias (S, N)``) as the bank
   stores it: no gather of the used slots. ``scale (S,)`` float and ``rank (S,)`` integer are device
-  tables kept beside the bank; an absent slot may hold anything, since no lane points at it. Values
-  past a slot's rank are never read.
+  tables kept beside the bank. A slot of rank 0 adds nothing, whatever its other values, so one lane
+  layout can serve every layer of a forward, including layers whose bank does not hold some of its
+  slots. Values past a slot's rank are never read.
 - ``inplace=True`` adds into ``base`` instead of a copy of it: a patched layer owns its fresh base
   output, and this saves one pass over ``(T, N)``.
 - Sibling projections (q/k/v, gate/up) whose banks hold the lanes' slots can share one shrink:

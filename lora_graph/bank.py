@@ -3,7 +3,8 @@
     a    (S, R, K)   lora_A of each slot, zero past the slot's rank
     b    (S, N, R)   lora_B of each slot, zero past the slot's rank
     bias (S, N)      lora_B bias, allocated only once some adapter has one
-    scale[S], rank[S]  per-slot runtime data: never folded into the factors
+    scale[S], rank[S]  per-slot runtime data: never folded into the factors; also kept as device
+                     tables (``scale_t``, ``rank_t``, 0 for slots the module does not hold)
 
 A slot is an adapter's row; slot ids are global to the wrapper, so one request resolves to the same
 slot in every module. A module that an adapter does not target simply does not hold its slot.
@@ -14,6 +15,10 @@ each. Writes go only to free slots (no running request routes to them), so writi
 is invisible to running forwards. ``stage`` builds whatever new storage a load needs without
 touching the current state, and ``commit`` swaps it in; a load that fails half-way through the
 modules leaves every bank as it was.
+
+The storage and the tables are written in place while the bank does not grow, so their
+addresses stay fixed: a compiled model takes them as graph inputs (``tables``), and CUDA graphs
+read them in place.
 
 ``operands`` gathers the used slots for the torch path, cut to the largest rank among them (so the
 bits of a result never depend on which other adapters were loaded before), and keeps the result
@@ -36,6 +41,9 @@ class BankState:
     a: torch.Tensor  # (S, R, K)
     b: torch.Tensor  # (S, N, R)
     bias: torch.Tensor | None  # (S, N)
+    # per-slot tables for the kernels, on the bank's device; 0 for slots this module does not hold
+    scale_t: torch.Tensor  # (S,) fp32
+    rank_t: torch.Tensor  # (S,) int32
     scale: dict = field(default_factory=dict)  # slot -> float
     rank: dict = field(default_factory=dict)  # slot -> int
     with_bias: frozenset = frozenset()
@@ -45,17 +53,6 @@ class BankState:
     def present(self) -> frozenset[int]:  # read by every forward of every patched layer
         return frozenset(self.rank)
 
-    # per-slot tables for the kernels, built on first use (absent slots hold 0; no lane points there)
-    @cached_property
-    def scale_t(self) -> torch.Tensor:  # (S,) fp32
-        return torch.tensor([self.scale.get(i, 0.0) for i in range(self.a.shape[0])], dtype=torch.float32,
-                            device=self.a.device)
-
-    @cached_property
-    def rank_t(self) -> torch.Tensor:  # (S,) int32
-        return torch.tensor([self.rank.get(i, 0) for i in range(self.a.shape[0])], dtype=torch.int32,
-                            device=self.a.device)
-
 
 @dataclass
 class _Staged:
@@ -64,6 +61,8 @@ class _Staged:
     a: torch.Tensor
     b: torch.Tensor
     bias: torch.Tensor | None
+    scale_t: torch.Tensor
+    rank_t: torch.Tensor
 
 
 class AdapterBank:
@@ -76,10 +75,24 @@ class AdapterBank:
         self.device = device
         self.dtype = dtype
         self.grow = grow
-        a = torch.zeros(slots, rank, in_features, device=device, dtype=dtype)
-        b = torch.zeros(slots, out_features, rank, device=device, dtype=dtype)
-        self.state = BankState(a, b, None)
+        a = self._zeros(slots, rank, in_features)
+        b = self._zeros(slots, out_features, rank)
+        self._publish(BankState(a, b, None, self._zeros(slots, dtype=torch.float32),
+                                self._zeros(slots, dtype=torch.int32)))
         self._gathered: tuple | None = None
+
+    def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Bank storage. Its address is fixed until the bank grows, so on CUDA it is marked static
+        for torch.compile: CUDA graphs read it in place instead of copying it at every replay."""
+        t = torch.zeros(*shape, device=self.device, dtype=self.dtype if dtype is None else dtype)
+        if t.is_cuda:
+            torch._dynamo.mark_static_address(t)
+        return t
+
+    def _publish(self, state: BankState) -> None:
+        self.state = state
+        # the same tensors as one plain tuple, for the traced path of a compiled model
+        self.tables = (state.a, state.b, state.bias, state.scale_t, state.rank_t)
 
     # -- what forwards read ---------------------------------------------------------------
     @property
@@ -132,8 +145,9 @@ class AdapterBank:
         """Follow the base module when the model is moved after adapters were loaded."""
         st = self.state
         self.device = device
-        self.state = replace(st, a=st.a.to(device), b=st.b.to(device),
-                             bias=st.bias.to(device) if st.bias is not None else None)
+        self._publish(replace(st, a=st.a.to(device), b=st.b.to(device),
+                              bias=st.bias.to(device) if st.bias is not None else None,
+                              scale_t=st.scale_t.to(device), rank_t=st.rank_t.to(device)))
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
         """Storage holding ``lora`` in ``slot``; the current state is not modified."""
@@ -141,18 +155,23 @@ class AdapterBank:
         have_slots, have_rank = st.a.shape[0], st.a.shape[1]
         slots = have_slots if slot < have_slots else max(slot + 1, 2 * have_slots if self.grow else 0)
         rank = max(have_rank, lora.rank)
-        a, b, bias = st.a, st.b, st.bias
+        a, b, bias, scale_t, rank_t = st.a, st.b, st.bias, st.scale_t, st.rank_t
         if (slots, rank) != (have_slots, have_rank):
-            a = torch.zeros(slots, rank, self.in_features, device=self.device, dtype=self.dtype)
+            a = self._zeros(slots, rank, self.in_features)
             a[:have_slots, :have_rank] = st.a
-            b = torch.zeros(slots, self.out_features, rank, device=self.device, dtype=self.dtype)
+            b = self._zeros(slots, self.out_features, rank)
             b[:have_slots, :, :have_rank] = st.b
+        if slots != have_slots:
+            scale_t = self._zeros(slots, dtype=torch.float32)
+            scale_t[:have_slots] = st.scale_t
+            rank_t = self._zeros(slots, dtype=torch.int32)
+            rank_t[:have_slots] = st.rank_t
         if (bias is not None and bias.shape[0] < slots) or (bias is None and lora.bias is not None):
-            new_bias = torch.zeros(slots, self.out_features, device=self.device, dtype=self.dtype)
+            new_bias = self._zeros(slots, self.out_features)
             if bias is not None:
                 new_bias[: bias.shape[0]] = bias
             bias = new_bias
-        return _Staged(slot, lora, a, b, bias)
+        return _Staged(slot, lora, a, b, bias, scale_t, rank_t)
 
     def commit(self, staged: _Staged) -> None:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
@@ -173,10 +192,12 @@ class AdapterBank:
                 bias[s].copy_(lora.bias)
             else:
                 bias[s].zero_()
+        staged.scale_t[s] = lora.scale
+        staged.rank_t[s] = r
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
-        self.state = BankState(a, b, bias, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank},
-                               with_bias, version=st.version + 1)
+        self._publish(BankState(a, b, bias, staged.scale_t, staged.rank_t, {**st.scale, s: lora.scale},
+                                {**st.rank, s: r}, with_bias, version=st.version + 1))
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -184,4 +205,7 @@ class AdapterBank:
             return
         scale, rank = dict(st.scale), dict(st.rank)
         del scale[slot], rank[slot]
-        self.state = BankState(st.a, st.b, st.bias, scale, rank, st.with_bias - {slot}, st.version + 1)
+        st.scale_t[slot] = 0.0  # no running forward routes to a slot being freed
+        st.rank_t[slot] = 0
+        self._publish(BankState(st.a, st.b, st.bias, st.scale_t, st.rank_t, scale, rank, st.with_bias - {slot},
+                                st.version + 1))

@@ -7,6 +7,13 @@ The base module is called as a black box, so every quantization format works the
 wrapper keeps the base's parameter names in ``state_dict`` (no ``base_layer.`` infix), and forwards
 unknown attributes (``weight``, ``embed_scale``, ...) to it, so model code that reaches into the
 module keeps working. Tokens are flattened to ``(T, K)``; the plan maps them to lanes.
+
+Eager forwards (and every torch-backend forward) run the branch outside torch.compile: the routing
+plan is Python data. Under torch.compile with the triton backend the layer is traced instead: it
+reads the forward's shared lanes (``Router.static``, set by the top-level pre-forward hook) and the
+bank's ``tables`` from plain attributes and calls the registered kernel op, so the graph holds the
+op and takes routing and weights as inputs. A layer whose token count has no shared lanes, or
+whose bank is smaller than the lanes' slot range, takes the eager branch (a graph break).
 """
 
 from __future__ import annotations
@@ -72,9 +79,40 @@ class _LoraModule(nn.Module):
         return f"slots={sorted(self.bank.present)}, backend={self.backend!r}"
 
 
+    def _traced_operands(self, num_tokens: int, device: torch.device):
+        """Under torch.compile with the triton backend: the forward's shared lanes for
+        ``num_tokens`` and this bank's tables, all read from plain attributes, so the graph holds
+        the kernel op itself and takes routing and weights as inputs (no recompilation when they
+        change, and CUDA-graph replays read the new ones). None: take the eager branch instead."""
+        static = self.router.static
+        if not static:
+            return static
+        num_slots, entries = static
+        lanes = None
+        for tokens, candidate in entries:
+            if tokens == num_tokens:
+                lanes = candidate
+        tables = self.bank.tables
+        if lanes is None or tables[0].shape[0] < num_slots or tables[0].device != device:
+            return None
+        return tables, lanes
+
+
 class LoraLinear(_LoraModule):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self._branch(x, self.base_layer(x, *args, **kwargs))
+        out = self.base_layer(x, *args, **kwargs)
+        if self.backend == "triton" and torch.compiler.is_compiling():
+            k = x.shape[-1]
+            num_tokens = x.numel() // k
+            traced = self._traced_operands(num_tokens, out.device)
+            if traced == ():  # a forward without adapters
+                return out
+            if traced is not None:
+                (a, b, bias, scale, rank), lanes = traced
+                y = ops.triton_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), a, b, bias, scale, rank,
+                                     lanes)
+                return y.view(out.shape)
+        return self._branch(x, out)
 
     # Routing is Python data that changes with every request. Under torch.compile it stays outside
     # the graph, so new adapters, weights or mixtures never trigger a recompilation.
@@ -94,7 +132,18 @@ class LoraLinear(_LoraModule):
 
 class LoraEmbedding(_LoraModule):
     def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return self._branch(ids, self.base_layer(ids, *args, **kwargs))
+        out = self.base_layer(ids, *args, **kwargs)
+        if self.backend == "triton" and torch.compiler.is_compiling():
+            num_tokens = ids.numel()
+            traced = self._traced_operands(num_tokens, out.device)
+            if traced == ():
+                return out
+            if traced is not None:
+                (a, b, _, scale, rank), lanes = traced
+                y = ops.triton_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), a, b, scale,
+                                               rank, lanes, getattr(self.base_layer, "embed_scale", None))
+                return y.view(out.shape)
+        return self._branch(ids, out)
 
     @torch.compiler.disable
     def _branch(self, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,15 @@ def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embe
     return reference.lora_embedding_delta(ids, base, a, b, grid.token, coef, embed_scale)
 
 
+def triton_delta(x, base, a, b, bias, scale, rank, lanes) -> torch.Tensor:
+    """The Triton op on a whole bank, added into ``base`` (the traced path of a compiled model)."""
+    return _triton().lora_delta(x, base, a, b, bias, scale, rank, lanes, inplace=True)
+
+
+def triton_embedding_delta(ids, base, a, b, scale, rank, lanes, embed_scale) -> torch.Tensor:
+    return _triton().lora_embedding_delta(ids, base, a, b, scale, rank, lanes, embed_scale)
+
+
 def build_lanes(grid, num_slots: int, passes: int, num_tokens: int):
     """The kernels' lane layout of a routing grid (padding lanes have weight 0 and are dropped)."""
     m = grid.weight.shape[1]

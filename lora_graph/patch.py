@@ -78,13 +78,14 @@ def is_peft_model(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def batch_size_of(args: tuple, kwargs: dict) -> int | None:
-    """Batch rows of a top-level HF forward call, from input_ids / inputs_embeds / the first tensor."""
+def batch_shape_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
+    """``(rows, positions)`` of a top-level HF forward call, from input_ids / inputs_embeds / the
+    first tensor; ``positions`` is None when the input has no sequence dimension."""
     for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "pixel_values"):
         value = kwargs.get(key)
         if torch.is_tensor(value) and value.dim() >= 2:
-            return value.shape[0]
+            return value.shape[0], (value.shape[1] if key != "pixel_values" else None)
     for value in args:
         if torch.is_tensor(value) and value.dim() >= 2:
-            return value.shape[0]
-    return None
+            return value.shape[0], value.shape[1] if not value.is_floating_point() or value.dim() == 3 else None
+    return None, None

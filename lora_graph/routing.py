@@ -157,6 +157,33 @@ class RoutingPlan:
             value = self._grids[key] = build()
             return value
 
+    def shared_lanes(self, per_row: int, num_slots: int, device: torch.device):
+        """The Triton kernels' lanes of every row's adapters, for ``per_row`` tokens per row and slots
+        ``[0, num_slots)``; cached. Not filtered by what a module holds (a slot a module does not hold
+        has rank 0 there and adds nothing), so every layer of a forward with that token count shares
+        them. Rows get a power of two of passes, so mixtures of other sizes mostly keep the shapes."""
+        key = ("shared", per_row, num_slots, device)
+        try:
+            return self._grids[key]
+        except KeyError:
+            pass
+        from .kernels.lanes import build_lanes
+
+        batch = len(self.rows)
+        passes = 1 << max(self.max_lanes - 1, 0).bit_length()
+        slot = torch.full((batch, passes), -1, dtype=torch.int64)
+        weight = torch.zeros(batch, passes, dtype=torch.float32)
+        for row, lanes in enumerate(self.rows):
+            for p, (s, w) in enumerate(lanes):
+                slot[row, p], weight[row, p] = s, w
+        shape = (batch, passes, per_row)
+        token = torch.arange(batch * per_row).view(batch, 1, per_row).expand(shape)  # (B, P, L)
+        lanes = build_lanes(token.reshape(-1).to(device), slot.unsqueeze(-1).expand(shape).reshape(-1).to(device),
+                            weight.unsqueeze(-1).expand(shape).reshape(-1).to(device), num_slots, passes=passes,
+                            num_tokens=batch * per_row)
+        self._grids[key] = lanes
+        return lanes
+
     def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
         """The grid for a layer that sees ``num_tokens`` tokens and holds the slots ``present``.
 
@@ -217,6 +244,11 @@ class Router:
         self._spec: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_spec_{id(self)}", default=None)
         self._plan: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_plan_{id(self)}", default=None)
         self._cache: dict = {}
+        # The kernels' lanes of the running top-level forward, for the traced path of a compiled
+        # model: ``(num_slots, ((num_tokens, lanes), ...))``, ``()`` for a forward without adapters,
+        # None outside one. A plain attribute (a compiled graph cannot read a ContextVar), so
+        # compiled forwards of one wrapper must not run in several threads at once.
+        self.static = None
 
     def __deepcopy__(self, memo):
         raise TypeError(
@@ -228,6 +260,9 @@ class Router:
 
     def reset_spec(self, token) -> None:
         self._spec.reset(token)
+
+    def running_plan(self) -> RoutingPlan | None:
+        return self._plan.get()
 
     def begin_forward(self, batch_size: int | None):
         """Called by the top-level forward pre-hook; returns a token for :meth:`end_forward`."""

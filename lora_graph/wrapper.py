@@ -322,13 +322,35 @@ class LoraGraph:
         stack = getattr(self._tokens, "stack", None)
         if stack is None:
             stack = self._tokens.stack = []
-        stack.append(self.router.begin_forward(patch.batch_size_of(args, kwargs)))
+        batch, positions = patch.batch_shape_of(args, kwargs)
+        token = self.router.begin_forward(batch)
+        previous = self.router.static
+        if self.backend == "triton":
+            self.router.static = self._shared_lanes(self.router.running_plan(), batch, positions)
+        stack.append((token, previous))
 
     @torch.compiler.disable
     def _post_forward(self, module, args, output):
         stack = getattr(self._tokens, "stack", None)
         if stack:
-            self.router.end_forward(stack.pop())
+            token, previous = stack.pop()
+            self.router.static = previous
+            self.router.end_forward(token)
+
+    def _shared_lanes(self, plan, batch: int | None, positions: int | None):
+        """``Router.static`` for a forward: lanes for its full token count and for one token per row
+        (``lm_head`` on the last position), over every slot a bank may hold."""
+        if plan is None:
+            return () if batch is not None else None
+        if positions is None:
+            return None
+        num_slots = self.max_loaded
+        if num_slots is None:
+            with self._lock:
+                num_slots = max((b.state.a.shape[0] for b in self._banks.values()), default=0)
+        device = patch.module_device(self.model)
+        per_rows = (positions, 1) if positions != 1 else (1,)
+        return num_slots, tuple((batch * n, plan.shared_lanes(n, num_slots, device)) for n in per_rows)
 
     # -- residency (call with the lock held) ---------------------------------------------------
     def _open(self, name, path, replace: bool):

@@ -1,12 +1,18 @@
-"""torch.compile over a wrapped model: routing stays outside the graph.
+"""torch.compile over a wrapped model: routing changes never recompile.
 
-Which adapters a request uses, their weights and mixtures, and which adapter sits in which slot are
+Torch backend: which adapters a request uses, their weights and mixtures, and which adapter sits in which slot are
 Python data read by the patched layers' branch, which is excluded from compilation
 (``torch.compiler.disable``). So once the compiled model has run, changing adapters, mixtures,
 loading adapters into slots and evicting them compiles nothing new. The checks:
 ``torch._dynamo.config.error_on_recompile`` raises on any recompilation, a compile-counting backend
 (``eager`` underneath) and dynamo's own ``unique_graphs`` counter stay where the first call left
 them, and every compiled output equals the eager output of the same wrapper and a fresh wrapper's.
+
+Triton backend: the patched layers are traced, and the graph holds one registered kernel op per
+layer, taking the bank tables and the forward's lanes as inputs. Routing, weights and resident
+adapters change only those inputs' values, so nothing recompiles once each kind of request has been
+seen: forwards with and without adapters, and each power of two of adapters per row (the number of
+expand passes is part of the graph).
 
 Not covered: loading an adapter that targets a module no adapter targeted before the first call
 swaps that module for a patched one, which changes the model's structure and so legitimately
@@ -111,3 +117,89 @@ def test_adapter_changes_and_paging_do_not_recompile(pristine, saved):
     assert torch._dynamo.config.error_on_recompile is False
     assert backend.frame_count == frames, f"{backend.frame_count - frames} frames were compiled again"
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+TRITON_SWITCHES = [
+    ["b", "a", None], "a", [{"a": 0.5, "b": -1.0}, "a", "b"], ["b", "b", "b"], {"a": -1.0},
+    [None, {"a": -0.25}, {"b": 3.0, "a": 1.0}], [{"b": 1.5}, None, None], {"a": 1.0, "b": 1.0},
+]
+
+
+def test_triton_layers_compile_into_the_graph_without_recompiling(pristine, saved):
+    ids = token_ids(3, 5, seed=41)
+    model = copy.deepcopy(pristine)
+    lm = lora_graph.wrap(model, backend="triton", max_loaded=2, max_rank=16)
+    lm.register_adapters(saved)
+    lm.load_adapter("a")
+    lm.load_adapter("b")
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend)
+
+    def both(spec):
+        with lm.use(spec), torch.no_grad():
+            return compiled(input_ids=ids).logits, model(input_ids=ids).logits
+
+    for spec in ("a", {"a": 0.5, "b": 0.5}, None):  # one adapter per row, two, none: one graph each
+        got, eager = both(spec)
+        assert torch.equal(got, eager)
+    frames = backend.frame_count
+    patched = sum(isinstance(m, lora_graph.layers.LoraLinear) for m in model.modules())
+    per_graph = [sum(n.target is torch.ops.lora_graph.lora_delta_.default for n in g.graph.nodes)
+                 for g in backend.graphs]
+    # every patched layer is in the graph as the kernel op: no graph break around the branch
+    assert patched == len(TARGETS) * pristine.config.num_hidden_layers
+    assert sorted(per_graph) == [0, patched, patched], per_graph
+
+    fresh = lora_graph.wrap(copy.deepcopy(pristine))
+    for name, path in saved.items():
+        fresh.load_adapter(name, path)
+
+    def check(spec, what):
+        got, eager = both(spec)
+        assert torch.equal(got, eager), f"{what}: compiled != eager"
+        with torch.no_grad():
+            want = fresh(input_ids=ids, adapters=spec).logits
+        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{what}: {m}")
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, spec in enumerate(TRITON_SWITCHES):
+            check(spec, f"switch {i} {spec}")
+        for cycle, names in enumerate([("c", "d"), ("e", "f"), ("h", "c")]):
+            lm.load_adapter(names[0])  # evicts the least recently used
+            check([names[0], {names[0]: 0.5, names[1]: -1.0}, names[1]], f"cycle {cycle} {names}")
+        check(["a", "b", None], "a and b paged back in")
+    assert backend.frame_count == frames, f"{backend.frame_count - frames} frames were compiled again"
+
+
+def test_triton_embedding_and_linear_layers_compile_into_the_graph(tmp_path):
+    """Gemma (embed_scale) with embedding and attention adapters: the embedding op is traced too."""
+    pristine = tiny_model("gemma")
+    paths = {
+        "e": save_adapter(pristine, adapter_dir(tmp_path, "e"), target_modules=["embed_tokens", "q_proj", "v_proj"],
+                          r=4, lora_alpha=8, seed=3),
+        "f": save_adapter(pristine, adapter_dir(tmp_path, "f"), target_modules=["embed_tokens", "o_proj"], r=2,
+                          lora_alpha=8, seed=4),
+    }
+    model = copy.deepcopy(pristine)
+    lm = lora_graph.wrap(model, backend="triton", max_loaded=2)
+    for name, path in paths.items():
+        lm.load_adapter(name, path)
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend)
+    ids = token_ids(2, 5, seed=42)
+    fresh = lora_graph.wrap(copy.deepcopy(pristine))
+    for name, path in paths.items():
+        fresh.load_adapter(name, path)
+    for i, spec in enumerate([["e", "f"], ["f", None], "e", [{"e": 0.5, "f": -2.0}, "f"]]):
+        with lm.use(spec), torch.no_grad():
+            got, eager = compiled(input_ids=ids).logits, model(input_ids=ids).logits
+            want = fresh(input_ids=ids, adapters=spec).logits
+        assert torch.equal(got, eager), spec
+        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0)
+        if i == 0:
+            ops = [n.target for g in backend.graphs for n in g.graph.nodes]
+            assert ops.count(torch.ops.lora_graph.lora_embedding_delta.default) == 1
+            assert ops.count(torch.ops.lora_graph.lora_delta_.default) == 3 * pristine.config.num_hidden_layers
+    assert backend.frame_count == 2  # one adapter per row, then a weighted set of two
