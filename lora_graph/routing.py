@@ -178,9 +178,10 @@ class RoutingPlan:
                 slot[row, p], weight[row, p] = s, w
         shape = (batch, passes, per_row)
         token = torch.arange(batch * per_row).view(batch, 1, per_row).expand(shape)  # (B, P, L)
-        lanes = build_lanes(token.reshape(-1).to(device), slot.unsqueeze(-1).expand(shape).reshape(-1).to(device),
-                            weight.unsqueeze(-1).expand(shape).reshape(-1).to(device), num_slots, passes=passes,
-                            num_tokens=batch * per_row)
+        lane_slot = slot.unsqueeze(-1).expand(shape).reshape(-1)
+        lane_weight = weight.unsqueeze(-1).expand(shape).reshape(-1)
+        lanes = build_lanes(_upload(token.reshape(-1), device), _upload(lane_slot, device), _upload(lane_weight, device),
+                            num_slots, passes=passes, num_tokens=batch * per_row)
         self._grids[key] = lanes
         return lanes
 
@@ -230,7 +231,15 @@ class RoutingPlan:
         uniform = None
         if identity and len(set(by_slot[slots[0]][1])) == 1:
             uniform = by_slot[slots[0]][1][0]
-        return Grid(slots, token.to(device), weight.contiguous().to(device), identity, uniform)
+        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform)
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built routing tensor on ``device``. To CUDA it goes through pinned memory without
+    blocking, so building a plan never waits for the GPU."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 _MISSING = object()
