@@ -54,6 +54,15 @@ class BankState:
         return frozenset(self.rank)
 
 
+def _set(table: torch.Tensor, slot: int, value) -> None:
+    """One entry of a per-slot table, written in place (through numpy on the host: a load writes
+    hundreds of them)."""
+    if table.device.type == "cpu":
+        table.numpy()[slot] = value
+    else:
+        table[slot] = value
+
+
 @dataclass
 class _Staged:
     slot: int
@@ -67,9 +76,11 @@ class _Staged:
 
 class AdapterBank:
     def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
-                 slots: int = 0, rank: int = 0, grow: bool = True) -> None:
+                 slots: int = 0, rank: int = 0, grow: bool = True, kernel_tables: bool = True) -> None:
         """``slots`` and ``rank`` preallocate the stacked buffers; with ``grow`` a load that needs
-        more slots doubles them."""
+        more slots doubles them. ``kernel_tables=False`` (the torch backend, which reads the dicts)
+        leaves ``scale_t``/``rank_t`` empty and saves writing them on every load."""
+        self.kernel_tables = kernel_tables
         self.in_features = in_features
         self.out_features = out_features
         self.device = device
@@ -77,8 +88,9 @@ class AdapterBank:
         self.grow = grow
         a = self._zeros(slots, rank, in_features)
         b = self._zeros(slots, out_features, rank)
-        self._publish(BankState(a, b, None, self._zeros(slots, dtype=torch.float32),
-                                self._zeros(slots, dtype=torch.int32)))
+        table_slots = slots if kernel_tables else 0
+        self._publish(BankState(a, b, None, self._zeros(table_slots, dtype=torch.float32),
+                                self._zeros(table_slots, dtype=torch.int32)))
         self._gathered: tuple | None = None
 
     def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -161,7 +173,7 @@ class AdapterBank:
             a[:have_slots, :have_rank] = st.a
             b = self._zeros(slots, self.out_features, rank)
             b[:have_slots, :, :have_rank] = st.b
-        if slots != have_slots:
+        if slots != have_slots and self.kernel_tables:
             scale_t = self._zeros(slots, dtype=torch.float32)
             scale_t[:have_slots] = st.scale_t
             rank_t = self._zeros(slots, dtype=torch.int32)
@@ -175,29 +187,44 @@ class AdapterBank:
 
     def commit(self, staged: _Staged) -> None:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
+        dst, src = [], []
+        self.prepare(staged, dst, src)
+        torch._foreach_copy_(dst, src)
+        self.publish(staged)
+
+    def prepare(self, staged: _Staged, dst: list, src: list) -> None:
+        """Everything of a commit but the copies, which are appended to ``dst``/``src`` so that a
+        load makes one ``_foreach_copy_`` for all its modules. The slot is free: no forward reads
+        what this writes, and the current state is unchanged."""
         s, lora = staged.slot, staged.lora
         a, b, bias = staged.a, staged.b, staged.bias
         r = lora.rank
         a_s, b_s = a[s], b[s]  # (R, K), (N, R)
         if r == a.shape[1]:
-            a_s.copy_(lora.a)
-            b_s.copy_(lora.b)
+            dst += (a_s, b_s)
         else:  # the padding past the rank must read as exact zeros
-            a_s[:r].copy_(lora.a)
+            dst += (a_s[:r], b_s[:, :r])
             a_s[r:].zero_()
-            b_s[:, :r].copy_(lora.b)
             b_s[:, r:].zero_()
+        src += (lora.a, lora.b)
         if bias is not None:
             if lora.bias is not None:
-                bias[s].copy_(lora.bias)
+                dst.append(bias[s])
+                src.append(lora.bias)
             else:
                 bias[s].zero_()
-        staged.scale_t[s] = lora.scale
-        staged.rank_t[s] = r
+        if self.kernel_tables:
+            _set(staged.scale_t, s, lora.scale)
+            _set(staged.rank_t, s, r)
+
+    def publish(self, staged: _Staged) -> None:
+        """Swap in the state that holds ``staged`` (written) besides what the current one holds."""
+        s, lora = staged.slot, staged.lora
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
-        self._publish(BankState(a, b, bias, staged.scale_t, staged.rank_t, {**st.scale, s: lora.scale},
-                                {**st.rank, s: r}, with_bias, version=st.version + 1))
+        self._publish(BankState(staged.a, staged.b, staged.bias, staged.scale_t, staged.rank_t,
+                                {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias,
+                                version=st.version + 1))
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -205,7 +232,8 @@ class AdapterBank:
             return
         scale, rank = dict(st.scale), dict(st.rank)
         del scale[slot], rank[slot]
-        st.scale_t[slot] = 0.0  # no running forward routes to a slot being freed
-        st.rank_t[slot] = 0
+        if self.kernel_tables:  # no running forward routes to a slot being freed
+            _set(st.scale_t, slot, 0.0)
+            _set(st.rank_t, slot, 0)
         self._publish(BankState(st.a, st.b, st.bias, st.scale_t, st.rank_t, scale, rank, st.with_bias - {slot},
                                 st.version + 1))

@@ -468,15 +468,20 @@ class LoraGraph:
                 base, shape = modules[mod_name], self._shapes[mod_name]
                 bank = new_banks[mod_name] = AdapterBank(
                     shape.in_features, shape.out_features, patch.module_device(base), self.adapter_dtype,
-                    slots=capacity, rank=self.max_rank or 0,
+                    slots=capacity, rank=self.max_rank or 0, kernel_tables=self.backend == "triton",
                 )
             if bank.device not in on_device:  # one transfer per device, not one per tensor
                 on_device[bank.device] = to_device(host, bank.device, self._stream).modules
             staged[mod_name] = bank.stage(slot, on_device[bank.device][mod_name])
         wrappers = {n: patch.make_wrapper(modules[n], b, self.router, self.backend) for n, b in new_banks.items()}
         # commit: nothing below can fail on valid input
+        banks = {n: new_banks.get(n) or self._banks[n] for n in staged}
+        dst, src = [], []
         for mod_name, st in staged.items():
-            (new_banks.get(mod_name) or self._banks[mod_name]).commit(st)
+            banks[mod_name].prepare(st, dst, src)
+        torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        for mod_name, st in staged.items():
+            banks[mod_name].publish(st)
         for mod_name, wrapper in wrappers.items():
             self._originals[mod_name] = modules[mod_name]
             self._banks[mod_name] = new_banks[mod_name]
