@@ -4,8 +4,10 @@ A Llama built from a config (hidden 1024, 4 layers, vocab 1000, random weights),
 r=16 adapters on every linear layer. For 1 and 8 distinct adapters in the batch it times:
 - a decode step (one new token per row over a 128-token KV cache),
 - a 128-token prefill,
-for the base model alone, lora_graph, and PEFT's ``adapter_names`` mixed batch. The providers run
-interleaved in one process, one call each per round. Times are medians; a ratio is the median over
+for the base model alone, lora_graph, and PEFT's ``adapter_names`` mixed batch. The three models
+share the same base weight tensors (module copies, not weight copies), so no provider gains or
+loses from where its weights happen to sit in memory. The providers run interleaved in one process,
+one call each per round. Times are medians; a ratio is the median over
 rounds of that round's time over the base's time in the same round, so slow drifts of a shared
 machine cancel out.
 
@@ -43,6 +45,12 @@ def make_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
     return paths
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
 def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
     """Median over rounds of each provider's time over the base's time in the same round."""
     return {p: statistics.median(t / b for t, b in zip(v, times["base"])) for p, v in times.items()}
@@ -64,12 +72,15 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     paths = make_adapters(base, folder, 8, args.rank)
 
-    lg_model = copy.deepcopy(base)
+    lg_model = shared_copy(base)
     lm = lora_graph.wrap(lg_model)
     for name, path in paths.items():
         lm.load_adapter(name, path)
     names = list(paths)
-    peft = PeftModel.from_pretrained(copy.deepcopy(base), paths[names[0]], adapter_name=names[0])
+    peft = PeftModel.from_pretrained(shared_copy(base), paths[names[0]], adapter_name=names[0])
+    weights = {t.data_ptr() for t in base.parameters()}  # one set of base weights for all three
+    assert weights == {t.data_ptr() for t in lg_model.parameters()}
+    assert weights <= {t.data_ptr() for t in peft.parameters()}
     for name in names[1:]:
         peft.load_adapter(paths[name], adapter_name=name)
     peft.eval()
