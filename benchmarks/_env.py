@@ -12,7 +12,8 @@ import torch
 
 
 def git_commit() -> str:
-    """HEAD, with "-dirty" when tracked files differ from it (the figures are then not HEAD's)."""
+    """HEAD, with "-dirty" when tracked files other than results differ from it (the figures are
+    then not HEAD's code)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True,
@@ -21,7 +22,8 @@ def git_commit() -> str:
             return ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
+    return commit + ("-dirty" if changed else "")
 
 
 def cpu_name() -> str:
