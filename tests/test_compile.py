@@ -70,6 +70,23 @@ SWITCHES = [
 ]
 
 
+def checker(both, pristine, saved, ids):
+    """``check(spec, what)``: the compiled logits equal the same wrapper's eager ones bit for bit,
+    and a fresh wrapper's (torch backend, every adapter loaded) within ATOL32."""
+    fresh = lora_graph.wrap(copy.deepcopy(pristine))
+    for name, path in saved.items():
+        fresh.load_adapter(name, path)
+
+    def check(spec, what):
+        got, eager = both(spec)
+        assert torch.equal(got, eager), f"{what}: compiled != eager"
+        with torch.no_grad():
+            want = fresh(input_ids=ids, adapters=spec).logits
+        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{what}: {m}")
+
+    return check
+
+
 def test_adapter_changes_and_paging_do_not_recompile(pristine, saved):
     ids = token_ids(3, 6, seed=40)
     model = copy.deepcopy(pristine)
@@ -92,16 +109,7 @@ def test_adapter_changes_and_paging_do_not_recompile(pristine, saved):
     frames, graphs = backend.frame_count, counters["stats"]["unique_graphs"]
     assert frames >= 1 and graphs >= 1
 
-    fresh = lora_graph.wrap(copy.deepcopy(pristine))
-    for name, path in saved.items():
-        fresh.load_adapter(name, path)
-
-    def check(spec, what):
-        got, eager = both(spec)
-        assert torch.equal(got, eager), f"{what}: compiled != eager"
-        with torch.no_grad():
-            want = fresh(input_ids=ids, adapters=spec).logits
-        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{what}: {m}")
+    check = checker(both, pristine, saved, ids)
 
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i, spec in enumerate(SWITCHES):
@@ -151,16 +159,7 @@ def test_triton_layers_compile_into_the_graph_without_recompiling(pristine, save
     assert patched == len(TARGETS) * pristine.config.num_hidden_layers
     assert sorted(per_graph) == [0, patched, patched], per_graph
 
-    fresh = lora_graph.wrap(copy.deepcopy(pristine))
-    for name, path in saved.items():
-        fresh.load_adapter(name, path)
-
-    def check(spec, what):
-        got, eager = both(spec)
-        assert torch.equal(got, eager), f"{what}: compiled != eager"
-        with torch.no_grad():
-            want = fresh(input_ids=ids, adapters=spec).logits
-        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{what}: {m}")
+    check = checker(both, pristine, saved, ids)
 
     with torch._dynamo.config.patch(error_on_recompile=True):
         for i, spec in enumerate(TRITON_SWITCHES):
