@@ -18,7 +18,9 @@ Timed, each file read twice first so that it is served from the page cache:
   ``set_adapter`` alone between two loaded adapters, and ``peft.utils.hotswap.hotswap_adapter``
   (copies new weights into an adapter of the same shapes).
 Load speeds are given in GB/s of adapter bytes, next to a plain copy of the same number of bytes
-measured in the same process: memcpy on CPU; pinned host-to-device on GPU. Medians are reported.
+(memcpy on CPU; pinned host-to-device on GPU), timed in the same rounds as lora_graph's loads: each
+round copies, then loads. Medians are reported; lora_graph's fraction of the copy speed is the
+median of the per-round ratios.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_load.py [--repeats 10] [--out benchmarks/results/load.json]
 
@@ -109,17 +111,20 @@ def timer(device: torch.device):
     return run
 
 
-def copy_baseline(nbytes: int, device: torch.device, run, repeats: int) -> dict:
+def copy_fn(nbytes: int, device: torch.device):
     """A plain copy of ``nbytes``: memcpy between host buffers on CPU, pinned host to device on GPU."""
     src = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     dst = torch.zeros(nbytes, dtype=torch.uint8, device=device)
     dst.copy_(src, non_blocking=True)
-    seconds = run(lambda: dst.copy_(src, non_blocking=True), repeats)
-    kind = "pinned host-to-device copy" if device.type == "cuda" else "memcpy (Tensor.copy_ host to host)"
-    return {"kind": kind, "s": seconds, "GBps": nbytes / seconds / 1e9}
+    return lambda: dst.copy_(src, non_blocking=True)
+
+
+COPY_KIND = {"cuda": "pinned host-to-device copy", "cpu": "memcpy (Tensor.copy_ host to host)"}
 
 
 def bench_lora_graph(model, paths, device, run, repeats: int) -> dict:
+    """Loads are timed in rounds, each a plain copy of the adapter's bytes and then a load, so the
+    ratio of the two sees the same machine load; ``of_copy`` is the median of the per-round ratios."""
     out = {}
     lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
     for kind in ADAPTERS:
@@ -128,8 +133,15 @@ def bench_lora_graph(model, paths, device, run, repeats: int) -> dict:
         t0 = time.perf_counter()
         lm.load_adapter(kind, path)  # first load of this target set: allocates the slot buffers
         out[f"{kind}_first_load_s"] = time.perf_counter() - t0
-        out[f"{kind}_load_s"] = run(lambda: lm.load_adapter(kind, path, replace=True), repeats)
-        out[f"{kind}_bytes"] = lm.adapters[kind].nbytes
+        nbytes = out[f"{kind}_bytes"] = lm.adapters[kind].nbytes
+        plain_copy = copy_fn(nbytes, device)
+        copies, loads = [], []
+        for _ in range(repeats):
+            copies.append(run(plain_copy, 1))
+            loads.append(run(lambda: lm.load_adapter(kind, path, replace=True), 1))
+        out[f"{kind}_copy_s"] = statistics.median(copies)
+        out[f"{kind}_load_s"] = statistics.median(loads)
+        out[f"{kind}_load_of_copy"] = statistics.median(c / t for c, t in zip(copies, loads))
         lm.unload_adapter(kind)
     # switch: two big adapters resident, requests alternate between them
     lm.load_adapter("x", paths["big"][0])
@@ -211,7 +223,7 @@ def main() -> None:
         for kind, spec in ADAPTERS.items():
             nbytes = lg[f"{kind}_bytes"]
             assert nbytes == file_bytes(paths[kind][0]), "adapter bytes differ from the file's"
-            copy = copy_baseline(nbytes, device, run, args.repeats)
+            copy = {"kind": COPY_KIND[device.type], "s": lg[f"{kind}_copy_s"], "GBps": nbytes / lg[f"{kind}_copy_s"] / 1e9}
             entry = {"rank": spec["rank"], "targets": spec["targets"], "bytes": nbytes,
                      "copy_baseline": copy,
                      "lora_graph_first_load_s": lg[f"{kind}_first_load_s"],
@@ -221,6 +233,7 @@ def main() -> None:
                                    ("peft_load_set_low_cpu_mem", pf[f"{kind}_load_set_low_cpu_mem_s"]),
                                    ("peft_hotswap", pf[f"{kind}_hotswap_s"])):
                 entry[label] = {"s": seconds, "GBps": nbytes / seconds / 1e9, "of_copy": copy["s"] / seconds}
+            entry["lora_graph_load"]["of_copy"] = lg[f"{kind}_load_of_copy"]  # paired rounds
             results[kind] = entry
         results["switch"] = {"lora_graph_use_s": lg["switch_s"], "peft_set_adapter_s": pf["switch_s"]}
     finally:
@@ -247,6 +260,8 @@ def main() -> None:
     for label in ("lora_graph_load", "peft_load_set", "peft_load_set_low_cpu_mem", "peft_hotswap"):
         print(f"{label:28}" + "".join(
             f"{results[k][label]['s'] * 1e3:>11.2f} ms {results[k][label]['GBps']:>6.2f} GB/s" for k in ADAPTERS))
+    print(f"{'lora_graph load / copy':28}" + "".join(
+        f"{results[k]['lora_graph_load']['of_copy'] * 100:>21.0f} %   " for k in ADAPTERS) + " (median of paired rounds)")
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
           f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")

@@ -14,7 +14,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,20 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
 # Full matrices PEFT saves when an embedding or lm_head is targeted (save_embedding_layers).
-_FULL = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
-_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\."
-    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$"
-)
+_PREFIX = "base_model.model."
+_PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B")
+_FULL = ("base_layer.weight",)
+
+
+def split_key(key: str, parts: tuple[str, ...] = _PARTS) -> tuple[str, str] | None:
+    """``(module, part)`` of a PEFT weight key ``[base_model.model.]<module>.<part>``, or None."""
+    for part in parts:
+        if key.endswith(part) and key[-len(part) - 1 : -len(part)] == ".":
+            module = key[: -len(part) - 1]
+            if module.startswith(_PREFIX) and len(module) > len(_PREFIX):
+                module = module[len(_PREFIX) :]
+            return (module, part) if module else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
         header.pop("__metadata__", None)
         begin = 8 + header_len
         data = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin) if size > begin else None
+        available = size - begin
         flat: dict[torch.dtype, torch.Tensor] = {}  # the data as each dtype, where its alignment allows
         tensors = {}
         for name, info in header.items():
@@ -110,18 +119,18 @@ def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
                 raise ValueError(f"unsupported dtype {info.get('dtype')!r} for {name!r}")
             numel = 1
             for d in shape:
-                if int(d) < 0:
-                    raise ValueError(f"negative dimension in the shape of {name!r}")
-                numel *= int(d)
+                if type(d) is not int or d < 0:
+                    raise ValueError(f"bad dimension {d!r} in the shape of {name!r}")
+                numel *= d
             itemsize = dtype.itemsize
-            if not 0 <= start <= end or end - start != numel * itemsize or data is None or end > data.numel():
+            if not 0 <= start <= end <= available or end - start != numel * itemsize:
                 raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
             if not numel:
                 tensors[name] = torch.empty(shape, dtype=dtype)
             elif start % itemsize == 0 and begin % itemsize == 0:  # one view op per tensor
                 whole = flat.get(dtype)
                 if whole is None:
-                    whole = flat[dtype] = data[: data.numel() // itemsize * itemsize].view(dtype)
+                    whole = flat[dtype] = data[: available // itemsize * itemsize].view(dtype)
                 tensors[name] = whole.as_strided(shape, _contiguous_strides(shape), start // itemsize)
             else:  # misaligned for its dtype: a copy (the mapped bytes cannot be viewed as it)
                 tensors[name] = data[start:end].clone().view(dtype).view(tuple(shape))
@@ -198,14 +207,14 @@ def read_adapter(
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        full = _FULL.match(key)
-        if full is not None:
-            _check_full_weight(folder, full["module"], tensor, base_weight(full["module"]))
+        found = split_key(key)
+        if found is None:
+            full = split_key(key, _FULL)
+            if full is None:
+                raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
+            _check_full_weight(folder, full[0], tensor, base_weight(full[0]))
             continue
-        m = _KEY.match(key)
-        if m is None:
-            raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
-        parts.setdefault(m["module"], {})[m["part"]] = tensor
+        parts.setdefault(found[0], {})[found[1]] = tensor
 
     modules: dict[str, ModuleLora] = {}
     for name, found in parts.items():

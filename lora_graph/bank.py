@@ -92,6 +92,7 @@ class AdapterBank:
         self._publish(BankState(a, b, None, self._zeros(table_slots, dtype=torch.float32),
                                 self._zeros(table_slots, dtype=torch.int32)))
         self._gathered: tuple | None = None
+        self._row_views: dict[int, tuple] = {}
 
     def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Bank storage. Its address is fixed until the bank grows, so on CUDA it is marked static
@@ -199,7 +200,7 @@ class AdapterBank:
         s, lora = staged.slot, staged.lora
         a, b, bias = staged.a, staged.b, staged.bias
         r = lora.rank
-        a_s, b_s = a[s], b[s]  # (R, K), (N, R)
+        a_s, b_s = self._rows(a)[s], self._rows(b)[s]  # (R, K), (N, R)
         if r == a.shape[1]:
             dst += (a_s, b_s)
         else:  # the padding past the rank must read as exact zeros
@@ -216,6 +217,16 @@ class AdapterBank:
         if self.kernel_tables:
             _set(staged.scale_t, s, lora.scale)
             _set(staged.rank_t, s, r)
+
+    def _rows(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The per-slot views of a storage tensor, made once per storage (a load writes one slot of
+        every bank)."""
+        rows = self._row_views.get(id(t))
+        if rows is None or rows[0] is not t:
+            if len(self._row_views) >= 4:  # storage replaced by growth: drop the old views
+                self._row_views.clear()
+            rows = self._row_views[id(t)] = (t, t.unbind(0))
+        return rows[1]
 
     def publish(self, staged: _Staged) -> None:
         """Swap in the state that holds ``staged`` (written) besides what the current one holds."""

@@ -166,3 +166,28 @@ def test_mmap_reader_equals_safetensors(tmp_path, pad):
     for key, want in ref.items():
         assert got[key].dtype == want.dtype and got[key].shape == want.shape, key
         assert torch.equal(got[key], want), key
+
+
+def test_key_split_follows_peft_key_grammar():
+    """``[base_model.model.]<module>.<part>`` with a non-empty module, as the regular expressions
+    below state it; the reader splits keys with string operations instead, for speed."""
+    import re
+
+    from lora_graph.adapters import _FULL, split_key
+
+    grammar = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\."
+                         r"(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$")
+    full = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
+    keys = [
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.mlp.up_proj.lora_B.weight",
+        "base_model.model.lm_head.lora_B.bias", "base_model.model.model.embed_tokens.lora_embedding_A",
+        "embed_tokens.lora_embedding_B", "base_model.model.lora_A.weight", "lora_A.weight", ".lora_A.weight",
+        "base_model.model..lora_A.weight", "a.xlora_A.weight", "a.lora_A.weight.x", "a.lora_A_weight",
+        "base_model.model.model.embed_tokens.base_layer.weight", "base_layer.weight", "x.base_layer.weight",
+        "base_model.model.x.lora_A.default.weight", "a..lora_B.weight",
+    ]
+    for key in keys:
+        m = grammar.match(key)
+        assert split_key(key) == ((m["module"], m["part"]) if m else None), key
+        f = full.match(key)
+        assert split_key(key, _FULL) == ((f["module"], "base_layer.weight") if f else None), key
