@@ -202,3 +202,21 @@ def test_triton_embedding_and_linear_layers_compile_into_the_graph(tmp_path):
             assert ops.count(torch.ops.lora_graph.lora_embedding_delta.default) == 1
             assert ops.count(torch.ops.lora_graph.lora_delta_.default) == 3 * pristine.config.num_hidden_layers
     assert backend.frame_count == 2  # one adapter per row, then a weighted set of two
+
+
+def test_triton_compiled_without_max_loaded_stays_correct(pristine, saved):
+    """Without ``max_loaded`` the banks grow one by one: a layer whose bank is smaller than the
+    forward's slot range takes the eager branch (a graph break), and results stay exact."""
+    model = copy.deepcopy(pristine)
+    lm = lora_graph.wrap(model, backend="triton")
+    lm.load_adapter("a", saved["a"])  # every linear module: slot 0
+    lm.load_adapter("c", saved["c"])  # the MLP only: slot 1, so the attention banks keep one slot
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=backend)
+    ids = token_ids(2, 4, seed=43)
+    for spec in (["a", "c"], [{"a": 1.0, "c": -0.5}, None]):
+        with lm.use(spec), torch.no_grad():
+            assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits), spec
+    ops = [n.target for g in backend.graphs for n in g.graph.nodes]
+    assert torch.ops.lora_graph.lora_delta_.default in ops  # the MLP layers, whose banks are big enough, are traced
