@@ -362,6 +362,43 @@ def test_ops_are_registered_and_compile_as_one_op():
     torch.testing.assert_close(compiled(x, base, a, b, bias, scale, rank), out)
 
 
+def test_compiled_op_replays_new_routing_written_into_the_same_buffers():
+    """What CUDA-graph replay needs: the routing lives in fixed buffers that the compiled function
+    takes as inputs; writing the next request's lanes into them in place (same shapes) changes the
+    result to that request's, with no recompilation. Each replay equals the eager op on its lanes."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    gen = torch.Generator().manual_seed(3)
+    num_slots = 4
+    a, b, bias, scale, rank, _, _ = make_bank(num_slots, 16, 129, 96, (16, 4, 8, 1), F32, True, gen)
+    x, base = torch.randn(12, 129, generator=gen), torch.randn(12, 96, generator=gen)
+
+    def lanes_for(popularity, seed):
+        tok, slot, w = make_lanes(12, num_slots, popularity, 1, torch.Generator().manual_seed(seed))
+        return build_lanes(tok, slot, w, num_slots, passes=1, num_tokens=12)
+
+    first = lanes_for("uniform", 0)
+    static = [t.clone() for t in first[:5]]  # the fixed routing buffers
+
+    def forward(x, base, *routing):
+        return lora_delta(x, base * 1.0, a, b, bias, scale, rank, type(first)(*routing, first.block_m),
+                          inplace=True)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(forward, backend=counter, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i, popularity in enumerate(["uniform", "distinct", "zipf", "skewed", "identical", "uniform"]):
+            lanes = lanes_for(popularity, i)
+            assert [t.shape for t in lanes[:5]] == [t.shape for t in static]
+            for buffer, value in zip(static, lanes[:5]):
+                buffer.copy_(value)
+            got = compiled(x, base, *static)
+            torch.testing.assert_close(got, lora_delta(x, base, a, b, bias, scale, rank, lanes), rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
 def test_argument_checks():
     gen = torch.Generator().manual_seed(0)
     a, b, _, scale, rank, _, _ = make_bank(2, 4, 129, 129, (4,), F32, False, gen)
