@@ -63,6 +63,30 @@ def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
                                 inplace=not base.requires_grad)
 
 
+def bound_delta(bank, state, grid):
+    """The torch path's :func:`lora_delta` for one (state, grid), with everything but the
+    activations bound: ``fn(x, base)`` updates a ``base`` the caller owns (no autograd) and returns
+    it. Decode steps reuse it, skipping the routing lookups."""
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
+    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+    token, identity = grid.token, grid.identity
+
+    def delta(x, base):
+        return reference.lora_delta(x, base, a, b, bias, token, coef, identity, alpha, inplace=True)
+
+    if alpha is None or bias is not None:
+        return delta
+    # one adapter for every token with one weight: reference.lora_delta's two GEMMs, operands ready
+    at, bt = a[0].float().t(), b[0].float().t()  # (K, R), (R, N)
+
+    def one_adapter(x, base):
+        if x.dtype != torch.float32 or base.dtype != torch.float32:
+            return delta(x, base)
+        return base.addmm_(torch.mm(x, at), bt, alpha=alpha)
+
+    return one_adapter
+
+
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:
     if backend == "triton":
         return _triton().lora_embedding_delta(ids, base, state.a, state.b, state.scale_t, state.rank_t, lanes,

@@ -216,3 +216,38 @@ def test_bf16_base_matches_peft(arch, adapter_dirs):
             assert ours <= 2 * theirs + ulp, (
                 f"row {i} ({name}): error vs fp32 {ours:.3g} > 2 x PEFT {how}'s {theirs:.3g} + 1 ulp"
             )
+
+
+@pytest.mark.parametrize(
+    "spec", [["a", "a", "a"], [{"a": 0.5}] * 3, ["a", None, "b"], [{"a": 1.0, "c": -2.0}, "b", None]],
+    ids=["one-adapter", "one-weighted", "mixed", "weighted-set"],
+)
+def test_repeated_forwards_reuse_the_bound_branch(spec, adapter_dirs):
+    """A forward with the plan, bank state and shapes of the previous one (a decode step) calls
+    the branch bound then, skipping the routing lookups: the result is bit-identical, and a load
+    (a new bank state) or another SPEC (another plan) rebinds it."""
+    dirs = adapter_dirs("llama")
+    model = tiny_model("llama")
+    lm = lora_graph.wrap(copy.deepcopy(model))
+    for name in ("a", "b", "c"):
+        lm.load_adapter(name, dirs[name])
+    ids = token_ids(3, 5)
+    layer = lm.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        first = lm(input_ids=ids, adapters=spec).logits
+        bound = layer._prepared
+        assert bound is not None and bound[5] is not None
+        again = lm(input_ids=ids, adapters=spec).logits
+        assert layer._prepared is bound  # the second forward took the bound branch
+        assert torch.equal(first, again)
+        fresh = lora_graph.wrap(copy.deepcopy(model))
+        for name in ("a", "b", "c"):
+            fresh.load_adapter(name, dirs[name])
+        assert torch.equal(first, fresh(input_ids=ids, adapters=spec).logits)
+        lm.load_adapter("a", dirs["c"], replace=True)  # new weights under the same name
+        replaced = lm(input_ids=ids, adapters=spec).logits
+        assert layer._prepared is not bound
+        rows = [i for i, row in enumerate(spec) if row == "a" or (isinstance(row, dict) and "a" in row)]
+        assert rows and all(not torch.equal(replaced[i], first[i]) for i in rows)
+        other = lm(input_ids=ids, adapters=None).logits
+        assert torch.equal(other, model(input_ids=ids).logits)
