@@ -139,8 +139,9 @@ class AdapterBank:
         if gathered is None or gathered[0] != slots or gathered[1] is not state:
             r = max(state.rank[s] for s in slots)
             idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            a = state.a.index_select(0, idx)[:, :r]  # (D, r, K)
-            b = state.b.index_select(0, idx)[:, :, :r]  # (D, N, r)
+            a = state.a.index_select(0, idx)[:, :r].contiguous()  # (D, r, K)
+            # (D, N, r), laid out as Bᵀ (D, r, N): the expand GEMMs read it row by row
+            b = state.b.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous().transpose(1, 2)
             bias = None
             if state.bias is not None and state.with_bias.intersection(slots):
                 bias = state.bias.index_select(0, idx)  # (D, N)

@@ -74,17 +74,29 @@ def bound_delta(bank, state, grid):
     def delta(x, base):
         return reference.lora_delta(x, base, a, b, bias, token, coef, identity, alpha, inplace=True)
 
-    if alpha is None or bias is not None:
+    if bias is not None or (identity and alpha is None):
         return delta
-    # one adapter for every token with one weight: reference.lora_delta's two GEMMs, operands ready
-    at, bt = a[0].float().t(), b[0].float().t()  # (K, R), (R, N)
+    # reference.lora_delta's own ops in its own order (so bit for bit the same), operands ready
+    if identity:  # one adapter for every token, with one weight: two GEMMs
+        at, bt = a[0].float().t(), b[0].float().t()  # (K, R), (R, N)
 
-    def one_adapter(x, base):
+        def one_adapter(x, base):
+            if x.dtype != torch.float32 or base.dtype != torch.float32:
+                return delta(x, base)
+            return base.addmm_(torch.mm(x, at), bt, alpha=alpha)
+
+        return one_adapter
+    num_slots, rows = coef.shape[0], coef.shape[1]
+    at, bt = a.float().transpose(1, 2), b.float().transpose(1, 2)  # (D, K, R), (D, R, N)
+
+    def grouped(x, base):
         if x.dtype != torch.float32 or base.dtype != torch.float32:
             return delta(x, base)
-        return base.addmm_(torch.mm(x, at), bt, alpha=alpha)
+        h = torch.bmm(x.index_select(0, token).view(num_slots, rows, -1), at)  # (D, M, R)
+        y = torch.bmm(h, bt).mul_(coef)  # (D, M, N)
+        return base.index_add_(0, token, y.view(num_slots * rows, -1))
 
-    return one_adapter
+    return grouped
 
 
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:
