@@ -81,7 +81,6 @@ class _LoraModule(nn.Module):
     def extra_repr(self) -> str:
         return f"slots={sorted(self.bank.present)}, backend={self.backend!r}"
 
-
     def _traced_operands(self, num_tokens: int, device: torch.device):
         """Under torch.compile with the triton backend: the forward's shared lanes for
         ``num_tokens`` and this bank's tables, all read from plain attributes, so the graph holds
