@@ -16,6 +16,7 @@ import mmap
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -79,7 +80,7 @@ class AdapterWeights:
     settings: LoraSettings
     modules: dict[str, ModuleLora]
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Elements of all factors: the adapter's size in any dtype."""
         return sum(m.numel for m in self.modules.values())

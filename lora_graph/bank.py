@@ -47,7 +47,6 @@ class BankState:
     scale: dict = field(default_factory=dict)  # slot -> float
     rank: dict = field(default_factory=dict)  # slot -> int
     with_bias: frozenset = frozenset()
-    version: int = 0
 
     @cached_property
     def present(self) -> frozenset[int]:  # read by every forward of every patched layer
@@ -119,10 +118,6 @@ class AdapterBank:
     @property
     def b(self) -> torch.Tensor:
         return self.state.b
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.state.bias
 
     @property
     def nbytes(self) -> int:
@@ -235,8 +230,7 @@ class AdapterBank:
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
         self._publish(BankState(staged.a, staged.b, staged.bias, staged.scale_t, staged.rank_t,
-                                {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias,
-                                version=st.version + 1))
+                                {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias))
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -247,5 +241,4 @@ class AdapterBank:
         if self.kernel_tables:  # no running forward routes to a slot being freed
             _set(st.scale_t, slot, 0.0)
             _set(st.rank_t, slot, 0)
-        self._publish(BankState(st.a, st.b, st.bias, st.scale_t, st.rank_t, scale, rank, st.with_bias - {slot},
-                                st.version + 1))
+        self._publish(BankState(st.a, st.b, st.bias, st.scale_t, st.rank_t, scale, rank, st.with_bias - {slot}))

@@ -130,17 +130,17 @@ class LoraLinear(_LoraModule):
             return delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1)).view(out.shape)
         num_tokens = x.numel() // k if k else 0
         state, grid, lanes = self._route(num_tokens, x.shape[0] if x.dim() == 3 else None, out.device)
+        bound = self.backend == "torch" and state is not None and not out.requires_grad
+        delta = ops.bound_delta(self.bank, state, grid) if bound and grid is not None else None
         plan = self.router.running_plan()
-        if self.backend == "torch" and state is not None and plan is not None and not out.requires_grad:
-            delta = None if grid is None else ops.bound_delta(self.bank, state, grid)
+        if bound and plan is not None:
             self._prepared = (plan, state, x.shape, x.device, num_tokens, delta)
         if grid is None:
             return out
-        y = ops.lora_delta(
-            self.backend, x.reshape(num_tokens, k), out.reshape(num_tokens, -1),  # (T, K), (T, N)
-            self.bank, state, grid, lanes,
-        )
-        return y.view(out.shape)
+        x2, out2 = x.reshape(num_tokens, k), out.reshape(num_tokens, -1)  # (T, K), (T, N)
+        if delta is not None:
+            return delta(x2, out2).view(out.shape)
+        return ops.lora_delta(self.backend, x2, out2, self.bank, state, grid, lanes).view(out.shape)
 
 
 class LoraEmbedding(_LoraModule):

@@ -56,19 +56,25 @@ def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
     in place and returned."""
     if backend == "triton":
         bias = state.bias if state.with_bias.intersection(grid.slots) else None
-        return _triton().lora_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes, inplace=True)
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
-    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+        return triton_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes)
+    a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
     return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, alpha,
                                 inplace=not base.requires_grad)
+
+
+def _torch_operands(bank, state, grid):
+    """``reference.lora_delta``'s operands for a grid: the gathered factors, ``coef``, and the one
+    ``w · s`` of an identity grid whose lanes share a weight (else None)."""
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
+    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+    return a, b, bias, coef, alpha
 
 
 def bound_delta(bank, state, grid):
     """The torch path's :func:`lora_delta` for one (state, grid), with everything but the
     activations bound: ``fn(x, base)`` updates a ``base`` the caller owns (no autograd) and returns
     it. Decode steps reuse it, skipping the routing lookups."""
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
-    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+    a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
     token, identity = grid.token, grid.identity
 
     def delta(x, base):
