@@ -359,3 +359,11 @@ def tiny_tokenizer():
 def module_map(model) -> dict[str, torch.nn.Module]:
     """Every named submodule of ``model`` (the module objects themselves, for identity checks)."""
     return dict(model.named_modules())
+
+
+def assert_original_modules(model, modules: dict[str, torch.nn.Module]) -> None:
+    """``model`` holds exactly the module objects of an earlier :func:`module_map`."""
+    after = module_map(model)
+    assert after.keys() == modules.keys()
+    for name, module in modules.items():
+        assert after[name] is module, f"{name} is not the original module object"

@@ -12,6 +12,7 @@ from helpers import (
     ARCHS,
     EXTRA_TARGETS,
     adapter_dir,
+    assert_original_modules,
     digest,
     module_map,
     peft_oracle,
@@ -81,11 +82,8 @@ def test_base_untouched_and_restored_through_lifecycle(arch, adapter_dirs):
 
     assert lm.unwrap() is model
     assert digest(model) == before
-    after = module_map(model)
-    assert after.keys() == modules.keys()
-    for name, module in modules.items():
-        assert after[name] is module, f"{name} is not the original module object"
-        assert type(after[name]) is types[name]
+    assert_original_modules(model, modules)
+    assert {n: type(m) for n, m in module_map(model).items()} == types
     assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
     assert not hasattr(model, "_lora_graph")
     assert torch.equal(logits(model, ids), base)

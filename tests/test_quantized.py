@@ -21,6 +21,7 @@ import pytest
 import torch
 from helpers import (
     ARCHS,
+    assert_original_modules,
     digest,
     make_adapters,
     module_map,
@@ -129,10 +130,7 @@ def test_quantized_base_is_untouched_and_restored(arch, kind, setup):
     assert digest(model) == before
     assert lm.unwrap() is model
     assert digest(model) == before
-    after = module_map(model)
-    assert after.keys() == modules.keys()
-    for name, module in modules.items():
-        assert after[name] is module, f"{name} was not restored"
+    assert_original_modules(model, modules)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, base)
 
