@@ -50,8 +50,9 @@ def lora_delta(
         coef: ``(D, M)`` or ``(D, M, 1)`` fp32, ``w · s`` of each lane (0 on padding lanes).
         identity: the lanes are exactly tokens ``0..T-1`` in order (one slot, one lane per token),
             so no gather or scatter is needed.
-        alpha: with ``identity``, the one ``w · s`` every lane shares, if they all do: the branch
-            is then added in the same pass as the expand.
+        alpha: the one ``w · s`` every lane shares, if they all do and no lane is padding; then
+            ``coef`` is not read and the branch is added with ``alpha`` as the scatter's (or, on an
+            identity grid, the expand GEMM's) multiplier, saving a pass over the branch output.
         inplace: an fp32 ``base`` is updated and returned rather than copied (a patched layer owns
             its fresh base output); other dtypes are accumulated in an fp32 copy anyway.
 
@@ -88,9 +89,11 @@ def lora_delta(
         y = torch.bmm(h, _f32(b).transpose(1, 2))  # (D, M, N)
         if bias is not None:
             y.add_(_f32(bias).unsqueeze(1))
-        y.mul_(coef)
+        if alpha is None:
+            y.mul_(coef)
         y = y.view(num_slots * rows, n)  # (D*M, N)
-        out = out.add_(y) if identity else out.index_add_(0, token, y)
+        c = 1.0 if alpha is None else alpha
+        out = out.add_(y, alpha=c) if identity else out.index_add_(0, token, y, alpha=c)
     return out if out.dtype == base.dtype else out.to(base.dtype)
 
 

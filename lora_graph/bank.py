@@ -134,8 +134,11 @@ class AdapterBank:
         if gathered is None or gathered[0] != slots or gathered[1] is not state:
             r = max(state.rank[s] for s in slots)
             idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            a = state.a.index_select(0, idx)[:, :r].contiguous()  # (D, r, K)
-            # (D, N, r), laid out as Bᵀ (D, r, N): the expand GEMMs read it row by row
+            # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as
+            # Aᵀ (D, K, r): the batched GEMMs then read row-major operands, which is faster on
+            # CPU. One slot keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
+            a = state.a.index_select(0, idx)[:, :r]
+            a = a.contiguous() if len(slots) == 1 else a.transpose(1, 2).contiguous().transpose(1, 2)
             b = state.b.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous().transpose(1, 2)
             bias = None
             if state.bias is not None and state.with_bias.intersection(slots):

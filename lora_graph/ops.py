@@ -13,6 +13,7 @@ need CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``, which is how CI 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -64,45 +65,80 @@ def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
 
 def _torch_operands(bank, state, grid):
     """``reference.lora_delta``'s operands for a grid: the gathered factors, ``coef``, and the one
-    ``w · s`` of an identity grid whose lanes share a weight (else None)."""
+    ``w · s`` every lane shares when they all do and no lane is padding (else None)."""
     a, b, bias, coef = bank.operands(grid.slots, grid.weight, state)
-    alpha = grid.uniform * state.scale[grid.slots[0]] if grid.identity and grid.uniform is not None else None
+    alpha = None
+    if grid.uniform is not None:
+        scales = {state.scale[s] for s in grid.slots}
+        if len(scales) == 1:
+            alpha = grid.uniform * scales.pop()
     return a, b, bias, coef, alpha
 
 
-def bound_delta(bank, state, grid):
-    """The torch path's :func:`lora_delta` for one (state, grid), with everything but the
-    activations bound: ``fn(x, base)`` updates a ``base`` the caller owns (no autograd) and returns
-    it. Decode steps reuse it, skipping the routing lookups."""
+def bound_delta(bank, state, grid, shape: torch.Size):
+    """The torch path's :func:`lora_delta` for one (state, grid) and input shape, with everything
+    but the activations bound, as ``(pre, post)``: ``pre(x)`` computes what needs only the input
+    (the shrink, and for a mixed batch the expand too) and runs before the base layer;
+    ``post(pre(x), x, base)`` adds the branch into the base output and returns it. No autograd:
+    ``base`` is the caller's own and is updated in place where it can be. Decode steps reuse the
+    pair, skipping the routing lookups; running the input-only part first keeps the small ops
+    together instead of after the base GEMM, which measured slightly faster on CPU."""
     a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
     token, identity = grid.token, grid.identity
+    num_tokens, k = math.prod(shape[:-1]), shape[-1]
 
     def delta(x, base):
-        return reference.lora_delta(x, base, a, b, bias, token, coef, identity, alpha, inplace=True)
+        out = reference.lora_delta(x.reshape(num_tokens, k), base.reshape(num_tokens, -1), a, b, bias, token, coef,
+                                   identity, alpha, inplace=True)
+        return out.view(base.shape)
+
+    def no_pre(x):
+        return None
+
+    def unsplit(_, x, base):
+        return delta(x, base)
 
     if bias is not None or (identity and alpha is None):
-        return delta
+        return no_pre, unsplit
     # reference.lora_delta's own ops in its own order (so bit for bit the same), operands ready
     if identity:  # one adapter for every token, with one weight: two GEMMs
         at, bt = a[0].float().t(), b[0].float().t()  # (K, R), (R, N)
 
-        def one_adapter(x, base):
-            if x.dtype != torch.float32 or base.dtype != torch.float32:
-                return delta(x, base)
-            return base.addmm_(torch.mm(x, at), bt, alpha=alpha)
+        def shrink(x):
+            return torch.mm(x.view(num_tokens, k), at) if x.dtype == torch.float32 else None
 
-        return one_adapter
+        def expand(h, x, base):
+            if h is None or base.dtype != torch.float32 or not base.is_contiguous():
+                return delta(x, base)
+            base.view(num_tokens, -1).addmm_(h, bt, alpha=alpha)
+            return base
+
+        return shrink, expand
     num_slots, rows = coef.shape[0], coef.shape[1]
     at, bt = a.float().transpose(1, 2), b.float().transpose(1, 2)  # (D, K, R), (D, R, N)
+    # a (T, K) input, or one token per row (decode): gather and scatter straight on dim 0
+    flat = shape[0] == num_tokens
+    lanes = (num_slots * rows, *shape[1:-1]) if flat else (num_slots * rows,)
+    c = 1.0 if alpha is None else alpha
 
-    def grouped(x, base):
-        if x.dtype != torch.float32 or base.dtype != torch.float32:
+    def grouped(x):
+        if x.dtype != torch.float32:
+            return None
+        xs = x.index_select(0, token) if flat else x.reshape(num_tokens, k).index_select(0, token)
+        y = torch.bmm(torch.bmm(xs.view(num_slots, rows, k), at), bt)  # (D, M, N)
+        if alpha is None:
+            y.mul_(coef)
+        return y.view(*lanes, -1)
+
+    def scatter(y, x, base):
+        if y is None or base.dtype != torch.float32 or not (flat or base.is_contiguous()):
             return delta(x, base)
-        h = torch.bmm(x.index_select(0, token).view(num_slots, rows, -1), at)  # (D, M, R)
-        y = torch.bmm(h, bt).mul_(coef)  # (D, M, N)
-        return base.index_add_(0, token, y.view(num_slots * rows, -1))
+        if flat:
+            return base.index_add_(0, token, y, alpha=c)
+        base.view(num_tokens, -1).index_add_(0, token, y, alpha=c)
+        return base
 
-    return grouped
+    return grouped, scatter
 
 
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:

@@ -129,7 +129,7 @@ class Grid:
     token: torch.Tensor  # (D*M,) int64
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
-    uniform: float | None = None  # identity grids: the weight every lane shares, when they all do
+    uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
 
 
 @dataclass
@@ -229,8 +229,9 @@ class RoutingPlan:
         weight = row_w.unsqueeze(-1).expand(-1, -1, per_row).reshape(len(slots), width * per_row)  # (D, M)
         identity = len(slots) == 1 and width == batch and by_slot[slots[0]][0] == list(range(batch))
         uniform = None
-        if identity and len(set(by_slot[slots[0]][1])) == 1:
-            uniform = by_slot[slots[0]][1][0]
+        weights = {w for s in slots for w in by_slot[s][1]}
+        if len(weights) == 1 and all(len(by_slot[s][0]) == width for s in slots):
+            uniform = weights.pop()
         return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform)
 
 

@@ -5,7 +5,7 @@ zero-padded past each slot's rank), lanes from ``RoutingPlan(...).grid(...)`` an
 ``AdapterBank.operands``. Two loops check them:
 
 * ``semantics_loop`` runs the ``Semantics:`` block of the docstring on the op's own operands, in
-  fp32 without the final rounding;
+  fp64 without the final rounding, against the same per-token loop in fp64;
 * ``ref32`` works per token from the request rows and the original, unpadded factors (rounded to
   the bank's dtype, where the bank rounds them): it knows nothing of the grid, so it also checks the
   plan and the bank.
@@ -112,17 +112,18 @@ def run_op(bank: AdapterBank, rows, x: torch.Tensor, base: torch.Tensor):
 
 
 def semantics_loop(x, base, a, b, bias, token, coef) -> torch.Tensor:
-    """The ``Semantics:`` block of ``lora_delta``, in fp32 (the final cast left out)."""
-    out = base.float().clone()
+    """The ``Semantics:`` block of ``lora_delta``, in fp64 (the final cast left out), so that how
+    the operands are laid out cannot change its rounding."""
+    out = base.double().clone()
     coef = coef.reshape(coef.shape[0], coef.shape[1])  # (D, M); the op also takes (D, M, 1)
     num_slots, rows = coef.shape
     for d in range(num_slots):
         for m in range(rows):
             t = int(token[d * rows + m])
-            h = a[d].float() @ x[t].float()  # (R,)
-            y = b[d].float() @ h  # (N,)
+            h = a[d].double() @ x[t].double()  # (R,)
+            y = b[d].double() @ h  # (N,)
             if bias is not None:
-                y = y + bias[d].float()
+                y = y + bias[d].double()
             out[t] += coef[d, m] * y
     return out
 
@@ -192,7 +193,8 @@ def test_lora_delta(kind, shape, dtypes, bias):
     out, operands = run_op(bank, rows, x, base)
     ref32 = per_token(rows, loras, x, base, torch.float32, store)
     # the plan and the bank give operands whose semantics are the per-token lanes
-    torch.testing.assert_close(semantics_loop(x, base, *operands), ref32, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(semantics_loop(x, base, *operands), per_token(rows, loras, x, base, torch.float64, store),
+                               rtol=1e-6, atol=1e-6)
     lowp = None if dtype == torch.float32 else per_token(rows, loras, x, base, dtype, store)
     check(out, ref32, lowp, base, rows)
     assert (out.float() - base.float()).abs().max() > 1e-2  # the branch is really there
