@@ -37,6 +37,7 @@ def lora_delta(
     identity: bool = False,
     alpha: float | None = None,
     inplace: bool = False,
+    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Add the LoRA branch of every lane to ``base`` and return it in ``base.dtype``.
 
@@ -55,6 +56,8 @@ def lora_delta(
             identity grid, the expand GEMM's) multiplier, saving a pass over the branch output.
         inplace: an fp32 ``base`` is updated and returned rather than copied (a patched layer owns
             its fresh base output); other dtypes are accumulated in an fp32 copy anyway.
+        inverse: ``(T,)`` int64, the lane of each token, when every token has exactly one lane (no
+            padding, no token in two lanes): the scatter is then a gather and a dense add.
 
     Semantics::
 
@@ -93,7 +96,12 @@ def lora_delta(
             y.mul_(coef)
         y = y.view(num_slots * rows, n)  # (D*M, N)
         c = 1.0 if alpha is None else alpha
-        out = out.add_(y, alpha=c) if identity else out.index_add_(0, token, y, alpha=c)
+        if identity:
+            out = out.add_(y, alpha=c)
+        elif inverse is not None:
+            out = out.add_(y.index_select(0, inverse), alpha=c)
+        else:
+            out = out.index_add_(0, token, y, alpha=c)
     return out if out.dtype == base.dtype else out.to(base.dtype)
 
 

@@ -60,7 +60,7 @@ def lora_delta(backend: str, x, base, bank, state, grid, lanes) -> torch.Tensor:
         return triton_delta(x, base, state.a, state.b, bias, state.scale_t, state.rank_t, lanes)
     a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
     return reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, alpha,
-                                inplace=not base.requires_grad)
+                                inplace=not base.requires_grad, inverse=grid.inverse)
 
 
 def _torch_operands(bank, state, grid):
@@ -87,9 +87,11 @@ def bound_delta(bank, state, grid, shape: torch.Size):
     token, identity = grid.token, grid.identity
     num_tokens, k = math.prod(shape[:-1]), shape[-1]
 
+    inverse = grid.inverse
+
     def delta(x, base):
         out = reference.lora_delta(x.reshape(num_tokens, k), base.reshape(num_tokens, -1), a, b, bias, token, coef,
-                                   identity, alpha, inplace=True)
+                                   identity, alpha, inplace=True, inverse=inverse)
         return out.view(base.shape)
 
     def no_pre(x):
@@ -128,14 +130,17 @@ def bound_delta(bank, state, grid, shape: torch.Size):
         y = torch.bmm(torch.bmm(xs.view(num_slots, rows, k), at), bt)  # (D, M, N)
         if alpha is None:
             y.mul_(coef)
-        return y.view(*lanes, -1)
+        y = y.view(*lanes, -1)
+        return y if inverse is None else y.index_select(0, inverse)  # back in token order
 
     def scatter(y, x, base):
         if y is None or base.dtype != torch.float32 or not (flat or base.is_contiguous()):
             return delta(x, base)
-        if flat:
-            return base.index_add_(0, token, y, alpha=c)
-        base.view(num_tokens, -1).index_add_(0, token, y, alpha=c)
+        out = base if flat else base.view(num_tokens, -1)
+        if inverse is None:
+            out.index_add_(0, token, y, alpha=c)
+        else:
+            out.add_(y, alpha=c)
         return base
 
     return grouped, scatter

@@ -130,6 +130,7 @@ class Grid:
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
     uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
+    inverse: torch.Tensor | None = None  # (T,) each token's lane, when every token has exactly one lane
 
 
 @dataclass
@@ -232,7 +233,12 @@ class RoutingPlan:
         weights = {w for s in slots for w in by_slot[s][1]}
         if len(weights) == 1 and all(len(by_slot[s][0]) == width for s in slots):
             uniform = weights.pop()
-        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform)
+        inverse = None
+        if not identity and token.numel() == num_tokens:
+            ordered, lane = torch.sort(token)
+            if torch.equal(ordered, torch.arange(num_tokens)):  # the lanes are a permutation of the tokens
+                inverse = _upload(lane, device)
+        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform, inverse)
 
 
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

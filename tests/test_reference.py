@@ -104,7 +104,7 @@ def run_op(bank: AdapterBank, rows, x: torch.Tensor, base: torch.Tensor):
     grid = plan.grid(x.shape[0], bank.present, CPU)
     assert grid is not None
     a, b, bias, coef = bank.operands(grid.slots, grid.weight)
-    out = reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity)
+    out = reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, inverse=grid.inverse)
     return out, (a, b, bias, grid.token, coef)
 
 
@@ -236,6 +236,30 @@ def test_bank_zero_pads_past_rank_and_reuses_slots():
     base = torch.randn(8, n, generator=g)
     out, _ = run_op(bank, rows, x, base)
     check(out, per_token(rows, loras, x, base, torch.float32, torch.float32), None, base, rows)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "uniform", "no-adapter-rows", "multi-lane"])
+def test_scatter_by_inverse_matches_index_add(kind):
+    """Where every token has exactly one lane, the grid carries each token's lane and the op scatters
+    by a gather and a dense add; elsewhere (padding lanes, base rows, several lanes) it has none. The
+    sums agree with the scatter-add to fp32 rounding, with a shared ``w · s`` or per-lane ones."""
+    k, n = 48, 40
+    loras = make_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    rows = popularity(kind, len(loras) * 2, len(loras))
+    g = torch.Generator().manual_seed(3)
+    x, base = torch.randn(len(rows) * 2, k, generator=g), torch.randn(len(rows) * 2, n, generator=g)
+    grid = RoutingPlan(rows).grid(x.shape[0], bank.present, CPU)
+    assert (grid.inverse is not None) == (kind == "distinct")
+    if grid.inverse is None:
+        return
+    assert torch.equal(grid.token[grid.inverse], torch.arange(x.shape[0]))
+    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
+    for alpha in (None, 1.5):
+        args = (x, base, a, b, bias, grid.token, coef, False, alpha)  # with alpha, coef is not read
+        by_inverse = reference.lora_delta(*args, inverse=grid.inverse)
+        torch.testing.assert_close(by_inverse, reference.lora_delta(*args), rtol=1e-6, atol=1e-6)
+        assert (by_inverse - base).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct"])
