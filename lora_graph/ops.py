@@ -84,10 +84,8 @@ def bound_delta(bank, state, grid, shape: torch.Size):
     pair, skipping the routing lookups; running the input-only part first keeps the small ops
     together instead of after the base GEMM, which measured slightly faster on CPU."""
     a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
-    token, identity = grid.token, grid.identity
+    token, identity, inverse = grid.token, grid.identity, grid.inverse
     num_tokens, k = math.prod(shape[:-1]), shape[-1]
-
-    inverse = grid.inverse
 
     def delta(x, base):
         out = reference.lora_delta(x.reshape(num_tokens, k), base.reshape(num_tokens, -1), a, b, bias, token, coef,
