@@ -88,10 +88,9 @@ class AdapterBank:
         a = self._zeros(slots, rank, in_features)
         b = self._zeros(slots, out_features, rank)
         table_slots = slots if kernel_tables else 0
+        self._row_views: dict[int, tuple] = {}
         self._publish(BankState(a, b, None, self._zeros(table_slots, dtype=torch.float32),
                                 self._zeros(table_slots, dtype=torch.int32)))
-        self._gathered: tuple | None = None
-        self._row_views: dict[int, tuple] = {}
 
     def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Bank storage. Its address is fixed until the bank grows, so on CUDA it is marked static
@@ -105,6 +104,12 @@ class AdapterBank:
         self.state = state
         # the same tensors as one plain tuple, for the traced path of a compiled model
         self.tables = (state.a, state.b, state.bias, state.scale_t, state.rank_t)
+        # what was gathered from, and bound to, the previous state is stale: drop it now, so that
+        # an unload gives the memory back without waiting for the next forward
+        self._gathered: tuple | None = None
+        # the torch backend's branch bound by the layer's last forward:
+        # (plan, state, input shape, device, (pre, post) | None); see LoraLinear
+        self.bound: tuple | None = None
 
     # -- what forwards read ---------------------------------------------------------------
     @property

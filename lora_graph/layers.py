@@ -48,10 +48,6 @@ class _LoraModule(nn.Module):
         self.backend = backend
         self.register_state_dict_post_hook(_strip_infix)
         self.register_load_state_dict_pre_hook(_add_infix)
-        # torch backend: (plan, state, input shape, device, (pre, post) | None) of the last forward,
-        # so that the next one with the same plan, bank state and shape (a decode step) runs the
-        # branch ops.bound_delta bound then, without the routing lookups
-        self._prepared = None
 
     def __getattr__(self, name: str):
         try:
@@ -130,9 +126,11 @@ class LoraLinear(_LoraModule):
         return self._branch(x, out)
 
     def _bound_for(self, x: torch.Tensor):
-        """The branch bound by the last forward if this one has its plan, bank state and input
-        shape (None: it routes nothing here), else ``_STALE``."""
-        prepared = self._prepared
+        """The branch bound by the last forward (torch backend) if this one has its plan, bank
+        state and input shape, as a decode step has, else ``_STALE``; None: it routes nothing here.
+        It is kept on the bank, which drops it when a load or unload swaps in a new state; the state
+        is compared all the same, since a forward that started before the swap may bind after it."""
+        prepared = self.bank.bound
         if (prepared is not None and prepared[0] is self.router.running_plan() and prepared[1] is self.bank.state
                 and prepared[2] == x.shape and prepared[3] == x.device):
             return prepared[4]
@@ -153,7 +151,7 @@ class LoraLinear(_LoraModule):
             bound = ops.bound_delta(self.bank, state, grid, x.shape) if grid is not None else None
             plan = self.router.running_plan()
             if plan is not None:
-                self._prepared = (plan, state, x.shape, x.device, bound)
+                self.bank.bound = (plan, state, x.shape, x.device, bound)
             if bound is not None:
                 return bound[1](bound[0](x), x, out)
         if grid is None:

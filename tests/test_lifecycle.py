@@ -6,6 +6,9 @@ same model with the same module objects, and ``use()`` routes plain ``model(...)
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from helpers import (
@@ -202,6 +205,27 @@ def test_unload_restores_modules_of_evicted_adapters(arch, adapter_dirs):
     assert changed == [], f"still wrapped with no adapter loaded: {changed[:3]}"
     assert module_map(model).keys() == originals.keys()
     assert torch.equal(logits(model, ids), base)
+
+
+def test_unload_frees_what_the_last_forward_gathered(adapter_dirs):
+    """A forward gathers the factors of the adapters it uses and binds its branch to them for the
+    next step; unloading one of them drops both at once rather than at the next forward, so the
+    memory comes back."""
+    dirs = adapter_dirs("llama")
+    lm = lora_graph.wrap(tiny_model("llama"))
+    lm.load_adapter("a", dirs["a"])
+    lm.load_adapter("b", dirs["b"])
+    layer = lm.model.model.layers[0].self_attn.q_proj
+    logits(lm, token_ids(4, 1, seed=3), adapters=["a", "b", "b", "a"])
+    assert layer.bank.bound is not None
+    slots, state, a, b = layer.bank._gathered[:4]  # what that forward gathered, and bound to
+    assert len(slots) == 2 and state is layer.bank.state
+    gathered = [weakref.ref(a), weakref.ref(b)]
+    del a, b, state
+    lm.unload_adapter("b")
+    gc.collect()
+    assert layer.bank.bound is None
+    assert all(ref() is None for ref in gathered), "the gathered factors outlived the unload"
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)

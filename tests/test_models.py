@@ -132,7 +132,7 @@ def test_one_adapter_per_row_matches_peft(arch, adapter_dirs):
                 for _ in range(2):
                     got = lm(input_ids=ids, adapters=spec).logits
                     torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{spec}: {m}")
-                plan, state = q_proj._prepared[:2]
+                plan, state = q_proj.bank.bound[:2]
                 assert plan.grid(len(names) * length, state.present, torch.device("cpu")).inverse is not None
 
 
@@ -267,10 +267,10 @@ def test_repeated_forwards_reuse_the_bound_branch(spec, adapter_dirs):
     layer = lm.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
         first = lm(input_ids=ids, adapters=spec).logits
-        bound = layer._prepared
+        bound = layer.bank.bound
         assert bound is not None and bound[4] is not None
         again = lm(input_ids=ids, adapters=spec).logits
-        assert layer._prepared is bound  # the second forward took the bound branch
+        assert layer.bank.bound is bound  # the second forward took the bound branch
         assert torch.equal(first, again)
         fresh = lora_graph.wrap(copy.deepcopy(model))
         for name in ("a", "b", "c"):
@@ -278,7 +278,7 @@ def test_repeated_forwards_reuse_the_bound_branch(spec, adapter_dirs):
         assert torch.equal(first, fresh(input_ids=ids, adapters=spec).logits)
         lm.load_adapter("a", dirs["c"], replace=True)  # new weights under the same name
         replaced = lm(input_ids=ids, adapters=spec).logits
-        assert layer._prepared is not bound
+        assert layer.bank.bound is not bound
         rows = [i for i, row in enumerate(spec) if row == "a" or (isinstance(row, dict) and "a" in row)]
         assert rows and all(not torch.equal(replaced[i], first[i]) for i in rows)
         other = lm(input_ids=ids, adapters=None).logits
