@@ -130,7 +130,7 @@ class Grid:
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
     uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
-    inverse: torch.Tensor | None = None  # (T,) each token's lane, when every token has exactly one lane
+    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per row, each with one lane
 
 
 @dataclass
@@ -234,9 +234,12 @@ class RoutingPlan:
         if len(weights) == 1 and all(len(by_slot[s][0]) == width for s in slots):
             uniform = weights.pop()
         inverse = None
-        if not identity and token.numel() == num_tokens:
+        # one token per row (a decode step) whose lanes are a permutation of the tokens: a gather
+        # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
+        # as it reads the branch output once instead of twice
+        if not identity and per_row == 1 and token.numel() == num_tokens:
             ordered, lane = torch.sort(token)
-            if torch.equal(ordered, torch.arange(num_tokens)):  # the lanes are a permutation of the tokens
+            if torch.equal(ordered, torch.arange(num_tokens)):
                 inverse = _upload(lane, device)
         return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform, inverse)
 

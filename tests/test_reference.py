@@ -240,15 +240,17 @@ def test_bank_zero_pads_past_rank_and_reuses_slots():
 
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "no-adapter-rows", "multi-lane"])
 def test_scatter_by_inverse_matches_index_add(kind):
-    """Where every token has exactly one lane, the grid carries each token's lane and the op scatters
-    by a gather and a dense add; elsewhere (padding lanes, base rows, several lanes) it has none. The
-    sums agree with the scatter-add to fp32 rounding, with a shared ``w · s`` or per-lane ones."""
+    """Where each row is one token with exactly one lane (a decode step), the grid carries each
+    token's lane and the op scatters by a gather and a dense add; elsewhere (padding lanes, base
+    rows, several lanes, longer rows) it has none. The sums agree with the scatter-add to fp32
+    rounding, with a shared ``w · s`` or per-lane ones."""
     k, n = 48, 40
     loras = make_loras(k, n, bias=False)
     bank = make_bank(loras, k, n, torch.float32)
     rows = popularity(kind, len(loras) * 2, len(loras))
+    assert RoutingPlan(rows).grid(len(rows) * 2, bank.present, CPU).inverse is None  # two tokens per row
     g = torch.Generator().manual_seed(3)
-    x, base = torch.randn(len(rows) * 2, k, generator=g), torch.randn(len(rows) * 2, n, generator=g)
+    x, base = torch.randn(len(rows), k, generator=g), torch.randn(len(rows), n, generator=g)
     grid = RoutingPlan(rows).grid(x.shape[0], bank.present, CPU)
     assert (grid.inverse is not None) == (kind == "distinct")
     if grid.inverse is None:
