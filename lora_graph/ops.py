@@ -75,6 +75,11 @@ def _torch_operands(bank, state, grid):
     return a, b, bias, coef, alpha
 
 
+# The largest mixed-batch branch output (elements) computed before the base layer: a decode step's.
+# A prefill's would be evicted by the base GEMM and read back from memory (measured slower).
+_EARLY_ELEMENTS = 1 << 18
+
+
 def bound_delta(bank, state, grid, shape: torch.Size):
     """The torch path's :func:`lora_delta` for one (state, grid) and input shape, with everything
     but the activations bound, as ``(pre, post)``: ``pre(x)`` computes what needs only the input
@@ -82,7 +87,8 @@ def bound_delta(bank, state, grid, shape: torch.Size):
     ``post(pre(x), x, base)`` adds the branch into the base output and returns it. No autograd:
     ``base`` is the caller's own and is updated in place where it can be. Decode steps reuse the
     pair, skipping the routing lookups; running the input-only part first keeps the small ops
-    together instead of after the base GEMM, which measured slightly faster on CPU."""
+    together instead of after the base GEMM, which measured slightly faster on CPU. A mixed
+    batch's branch output larger than a decode step's is computed after the base layer instead."""
     a, b, bias, coef, alpha = _torch_operands(bank, state, grid)
     token, identity, inverse = grid.token, grid.identity, grid.inverse
     num_tokens, k = math.prod(shape[:-1]), shape[-1]
@@ -141,7 +147,13 @@ def bound_delta(bank, state, grid, shape: torch.Size):
             out.add_(y, alpha=c)
         return base
 
-    return grouped, scatter
+    if num_slots * rows * bt.shape[-1] <= _EARLY_ELEMENTS:
+        return grouped, scatter
+
+    def after(_, x, base):  # a branch output this large would be evicted by the base GEMM
+        return scatter(grouped(x), x, base)
+
+    return no_pre, after
 
 
 def lora_embedding_delta(backend: str, ids, base, bank, state, grid, lanes, embed_scale) -> torch.Tensor:

@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from lora_graph import ops
 from lora_graph.adapters import ModuleLora
 from lora_graph.bank import AdapterBank
 from lora_graph.kernels import reference
@@ -262,6 +263,36 @@ def test_scatter_by_inverse_matches_index_add(kind):
         by_inverse = reference.lora_delta(*args, inverse=grid.inverse)
         torch.testing.assert_close(by_inverse, reference.lora_delta(*args), rtol=1e-6, atol=1e-6)
         assert (by_inverse - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
+@pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
+@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct", "uniform", "multi-lane", "bias"])
+def test_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
+    """The branch a patched layer binds for decode steps (``ops.bound_delta``), on ``(B, L, K)``
+    activations, is the op bit for bit, whether its input-only part runs before the base layer (a
+    small output) or everything runs after it (a large one); both are right per token."""
+    monkeypatch.setattr(ops, "_EARLY_ELEMENTS", 1 << 30 if early else 0)
+    k, n, batch = 48, 40, ROWS_PER_BATCH
+    loras = make_loras(k, n, bias=kind == "bias")
+    bank = make_bank(loras, k, n, torch.float32)
+    if kind.startswith("identity"):
+        rows = tuple(((2, 0.5 if kind == "identity-shared-weight" else 0.25 * (i + 1)),) for i in range(batch))
+    else:
+        # distinct: 4 adapters on 8 rows, so each token's lane is not its own index
+        rows = popularity("distinct" if kind == "bias" else kind, batch, 4 if kind in ("distinct", "bias") else len(loras))
+    g = torch.Generator().manual_seed(11)
+    x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
+    grid = RoutingPlan(rows).grid(batch * per_row, bank.present, CPU)
+    state = bank.state
+    assert (grid.inverse is not None) == (kind in ("distinct", "bias") and per_row == 1)
+    assert grid.inverse is None or not torch.equal(grid.inverse, grid.token)
+    pre, post = ops.bound_delta(bank, state, grid, x.shape)
+    got = post(pre(x), x, base.clone())
+    want = ops.lora_delta("torch", x.view(-1, k), base.view(-1, n).clone(), bank, state, grid, None)
+    assert torch.equal(got, want.view(base.shape))
+    check(got.view(-1, n), per_token(rows, loras, x.view(-1, k), base.view(-1, n), torch.float32, torch.float32),
+          None, base.view(-1, n), rows)
 
 
 @pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct"])
