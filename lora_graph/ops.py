@@ -127,25 +127,44 @@ def bound_delta(bank, state, grid, shape: torch.Size):
     lanes = (num_slots * rows, *shape[1:-1]) if flat else (num_slots * rows,)
     c = 1.0 if alpha is None else alpha
 
-    def grouped(x):
-        if x.dtype != torch.float32:
-            return None
-        xs = x.index_select(0, token) if flat else x.reshape(num_tokens, k).index_select(0, token)
-        y = torch.bmm(torch.bmm(xs.view(num_slots, rows, k), at), bt)  # (D, M, N)
-        if alpha is None:
-            y.mul_(coef)
-        y = y.view(*lanes, -1)
-        return y if inverse is None else y.index_select(0, inverse)  # back in token order
+    if grid.strides is not None and flat:
+        # the lanes are a strided view of the tokens: no gather, and the add goes straight into base
+        offset, step_d, step_m = grid.strides
 
-    def scatter(y, x, base):
-        if y is None or base.dtype != torch.float32 or not (flat or base.is_contiguous()):
-            return delta(x, base)
-        out = base if flat else base.view(num_tokens, -1)
-        if inverse is None:
-            out.index_add_(0, token, y, alpha=c)
-        else:
+        def grouped(x):
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                return None
+            xs = x.as_strided((num_slots, rows, k), (step_d * k, step_m * k, 1), x.storage_offset() + offset * k)
+            y = torch.bmm(torch.bmm(xs, at), bt)  # (D, M, N)
+            return y.mul_(coef) if alpha is None else y
+
+        def scatter(y, x, base):
+            if y is None or base.dtype != torch.float32 or not base.is_contiguous():
+                return delta(x, base)
+            n = base.shape[-1]
+            out = base.as_strided((num_slots, rows, n), (step_d * n, step_m * n, 1), base.storage_offset() + offset * n)
             out.add_(y, alpha=c)
-        return base
+            return base
+    else:
+        def grouped(x):
+            if x.dtype != torch.float32:
+                return None
+            xs = x.index_select(0, token) if flat else x.reshape(num_tokens, k).index_select(0, token)
+            y = torch.bmm(torch.bmm(xs.view(num_slots, rows, k), at), bt)  # (D, M, N)
+            if alpha is None:
+                y.mul_(coef)
+            y = y.view(*lanes, -1)
+            return y if inverse is None else y.index_select(0, inverse)  # back in token order
+
+        def scatter(y, x, base):
+            if y is None or base.dtype != torch.float32 or not (flat or base.is_contiguous()):
+                return delta(x, base)
+            out = base if flat else base.view(num_tokens, -1)
+            if inverse is None:
+                out.index_add_(0, token, y, alpha=c)
+            else:
+                out.add_(y, alpha=c)
+            return base
 
     if num_slots * rows * bt.shape[-1] <= _EARLY_ELEMENTS:
         return grouped, scatter

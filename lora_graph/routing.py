@@ -131,6 +131,9 @@ class Grid:
     identity: bool  # token == arange(T): one slot, one lane per token, in order
     uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
     inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per row, each with one lane
+    # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
+    # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
+    strides: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -233,7 +236,7 @@ class RoutingPlan:
         weights = {w for s in slots for w in by_slot[s][1]}
         if len(weights) == 1 and all(len(by_slot[s][0]) == width for s in slots):
             uniform = weights.pop()
-        inverse = None
+        inverse = strides = None
         # one token per row (a decode step) whose lanes are a permutation of the tokens: a gather
         # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
         # as it reads the branch output once instead of twice
@@ -241,7 +244,22 @@ class RoutingPlan:
             ordered, lane = torch.sort(token)
             if torch.equal(ordered, torch.arange(num_tokens)):
                 inverse = _upload(lane, device)
-        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform, inverse)
+                strides = _strides(token.view(len(slots), width))
+        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform, inverse,
+                    strides)
+
+
+def _strides(token: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(offset, step_d, step_m)`` when ``token[d, m] == offset + d*step_d + m*step_m`` with
+    non-negative steps (a strided view of the tokens), else None."""
+    num_slots, width = token.shape
+    offset = int(token[0, 0])
+    step_d = int(token[1, 0]) - offset if num_slots > 1 else 0
+    step_m = int(token[0, 1]) - offset if width > 1 else 0
+    if step_d < 0 or step_m < 0:
+        return None
+    affine = offset + torch.arange(num_slots).view(-1, 1) * step_d + torch.arange(width) * step_m
+    return (offset, step_d, step_m) if torch.equal(affine, token) else None
 
 
 def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:

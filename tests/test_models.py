@@ -108,7 +108,8 @@ def test_mixed_batch_matches_peft(arch, batch, adapter_dirs):
 def test_one_adapter_per_row_matches_peft(arch, adapter_dirs):
     """Every row with one adapter and every adapter on as many rows: each token has exactly one
     lane. On one-token rows (a decode step's shape) the branch goes back to token order by a gather
-    instead of a scatter. Checked on prompts and on one-token rows, twice each (the second forward
+    instead of a scatter, or, where the lanes are a strided view of the tokens, needs neither.
+    Checked on prompts and on one-token rows, twice each (the second forward
     runs the bound branch), with adapters of different scales (per-lane coefficients) and with one
     adapter under two names (one shared ``w · s``)."""
     dirs = adapter_dirs(arch)
@@ -119,22 +120,24 @@ def test_one_adapter_per_row_matches_peft(arch, adapter_dirs):
         lm.load_adapter(n, path)
     lm.load_adapter("a2", dirs["a"])
     q_proj = next(m for name, m in lm.model.named_modules() if name.endswith(("q_proj", "c_attn")))
-    names = ["b", "a", "a", "b"]
-    for length in (7, 1):
-        ids = token_ids(len(names), length, seed=2)
-        expected = oracle(peft_model, arch, names, ids)
-        with torch.no_grad():
-            peft_model.set_adapter("a")
-            only_a = peft_model(input_ids=ids).logits
-            base = model(input_ids=ids).logits
-            for spec, want in ((names, expected), (["a", "a2", "a2", "a"], only_a)):
-                assert_moves(want, base, spec, 100 * ATOL32)
-                for _ in range(2):
-                    got = lm(input_ids=ids, adapters=spec).logits
-                    torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{spec}: {m}")
-                plan, state = q_proj.bank.bound[:2]
-                grid = plan.grid(len(names) * length, state.present, torch.device("cpu"))
-                assert (grid.inverse is not None) == (length == 1)
+    # b, a, a, b: the lanes are a permutation of the tokens; a, b, a, b: a strided view of them
+    for names, shared in ((["b", "a", "a", "b"], ["a", "a2", "a2", "a"]), (["a", "b", "a", "b"], ["a", "a2", "a", "a2"])):
+        for length in (7, 1):
+            ids = token_ids(len(names), length, seed=2)
+            expected = oracle(peft_model, arch, names, ids)
+            with torch.no_grad():
+                peft_model.set_adapter("a")
+                only_a = peft_model(input_ids=ids).logits
+                base = model(input_ids=ids).logits
+                for spec, want in ((names, expected), (shared, only_a)):
+                    assert_moves(want, base, spec, 100 * ATOL32)
+                    for _ in range(2):
+                        got = lm(input_ids=ids, adapters=spec).logits
+                        torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{spec}: {m}")
+                    plan, state = q_proj.bank.bound[:2]
+                    grid = plan.grid(len(names) * length, state.present, torch.device("cpu"))
+                    assert (grid.inverse is not None) == (length == 1)
+                    assert (grid.strides is not None) == (length == 1 and names[0] == "a")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -265,6 +265,21 @@ def test_scatter_by_inverse_matches_index_add(kind):
         assert (by_inverse - base).abs().max() > 1e-2
 
 
+def test_grid_strides_only_for_strided_views_of_the_tokens():
+    """A decode step's grid records ``(offset, step_d, step_m)`` exactly when lane (d, m) is token
+    ``offset + d*step_d + m*step_m``: rows grouped by adapter or interleaved with a period."""
+    def strides(rows, per_row=1):
+        return RoutingPlan(rows).grid(len(rows) * per_row, frozenset({0, 1, 2}), CPU).strides
+
+    one, two, three = ((0, 1.0),), ((1, 1.0),), ((2, 1.0),)
+    assert strides((one, one, two, two, three, three)) == (0, 2, 1)  # grouped by adapter
+    assert strides((one, two, three, one, two, three)) == (0, 1, 3)  # interleaved
+    assert strides((two, two, one, one)) is None  # the slots' blocks run backwards
+    assert strides((one, two, two, one)) is None  # a permutation, not a strided view
+    assert strides((one, one, two, two), per_row=2) is None  # not a decode step
+    assert strides((one, one, two)) is None  # unequal groups: padding lanes
+
+
 @pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
 @pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
 @pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct", "uniform", "multi-lane", "bias"])
