@@ -1,7 +1,8 @@
 """What does the LoRA branch cost on CPU, next to the base model and to PEFT's mixed batches?
 
 A Llama built from a config (hidden 1024, 4 layers, vocab 1000, random weights), 16 rows,
-r=16 adapters on every linear layer. For 1 and 8 distinct adapters in the batch it times:
+r=16 adapters on every linear layer. For 1 and 8 distinct adapters in the batch (8 both with the
+rows interleaved a0..a7, a0..a7 and in a random order) it times:
 - a decode step (one new token per row over a 128-token KV cache),
 - a 128-token prefill,
 for the base model alone, lora_graph, and PEFT's ``adapter_names`` mixed batch. The three models
@@ -88,9 +89,13 @@ def main() -> None:
     b, ctx = args.batch, args.context
     ids = torch.randint(0, cfg.vocab_size, (b, ctx))
     step_ids = torch.randint(0, cfg.vocab_size, (b, 1))
+    shuffled = torch.randperm(b, generator=torch.Generator().manual_seed(0)).tolist()
     mixes = {
         "1 adapter": [names[0]] * b,
+        # rows interleaved a0..a7, a0..a7: each adapter's rows are a strided view of the batch
         "8 adapters": [names[i % 8] for i in range(b)],
+        # the same rows in a random order: the general case, gathered and scattered by index
+        "8 adapters, shuffled": [names[i % 8] for i in shuffled],
     }
 
     def providers(rows):
@@ -141,8 +146,8 @@ def main() -> None:
                 "decode_ratio": decode_ratio,
                 "prefill_ratio": prefill_ratio,
             }
-            print(f"{mix:>11}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode_ratio[p]:.3f}x)" for p in decode))
-            print(f"{mix:>11}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill_ratio[p]:.3f}x)" for p in prefill))
+            print(f"{mix:>20}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode_ratio[p]:.3f}x)" for p in decode))
+            print(f"{mix:>20}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill_ratio[p]:.3f}x)" for p in prefill))
 
     out = {
         "benchmark": "cpu_branch",
