@@ -124,7 +124,6 @@ def bound_delta(bank, state, grid, shape: torch.Size):
     at, bt = a.float().transpose(1, 2), b.float().transpose(1, 2)  # (D, K, R), (D, R, N)
     # a (T, K) input, or one token per row (decode): gather and scatter straight on dim 0
     flat = shape[0] == num_tokens
-    lanes = (num_slots * rows, *shape[1:-1]) if flat else (num_slots * rows,)
     c = 1.0 if alpha is None else alpha
 
     if grid.strides is not None and flat:
@@ -146,6 +145,8 @@ def bound_delta(bank, state, grid, shape: torch.Size):
             out.add_(y, alpha=c)
             return base
     else:
+        lanes = (num_slots * rows, *shape[1:-1]) if flat else (num_slots * rows,)
+
         def grouped(x):
             if x.dtype != torch.float32:
                 return None
