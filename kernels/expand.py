@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .factors import Factors
 from .lanes import Lanes
 from .shrink import check_device, is_interpreted
 
@@ -89,10 +90,7 @@ def _expand_kernel(
 def lora_expand(
     h: torch.Tensor,
     base: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor,
-    rank: torch.Tensor,
+    factors: Factors,
     lanes: Lanes,
     inplace: bool = False,
     block_n: int | None = None,
@@ -102,13 +100,12 @@ def lora_expand(
     ``base`` itself updated in place with ``inplace=True`` (saves a copy of the output).
 
     Args:
-        h: ``(SPLIT_K, L, R')`` fp32 partial sums from :func:`kernels.shrink.lora_shrink` (its
-            ``h[g]``), ``R' >= R``; only ``h[:, l, :rank]`` of covered lanes is read.
+        h: ``(SPLIT_K, L, R')`` fp32 partial sums from :func:`kernels.shrink.lora_shrink`,
+            ``R' >= R``; only ``h[:, l, :rank]`` of covered lanes is read.
         base: ``(T, N)`` output of the base layer, any float dtype.
-        b: ``(S, N, R)`` B bank, as PEFT stores lora_B; columns past a slot's rank are never read.
-        bias: ``(S, N)`` lora_B bias bank, or None.
-        scale: ``(S,)`` float, each slot's ``alpha / r`` (or rsLoRA's); never folded into B.
-        rank: ``(S,)`` integer real rank of each slot.
+        factors: the bank; ``b (S, N, R)`` (lora_B as PEFT stores it; columns past a slot's rank
+            are never read), ``bias (S, N)`` or None, ``scale (S,)`` float (never folded into B)
+            and ``rank (S,)`` integer are read.
         lanes: the layout from :func:`kernels.lanes.build_lanes`.
 
     Semantics::
@@ -121,6 +118,28 @@ def lora_expand(
             out[token[l]] += weight[l] * scale[s] * y
         return out.to(base.dtype)
     """
+    b, bias, scale, rank = factors.b, factors.bias, factors.scale, factors.rank
+    _check_expand(h, base, factors, lanes)
+    passes = lanes.num_passes
+    # One pass: add into base (or a copy), one rounding. Several: accumulate in fp32, round at the end.
+    if inplace and (passes == 1 or base.dtype == torch.float32):
+        out = base
+    elif passes == 1:
+        out = base.clone(memory_format=torch.contiguous_format)
+    else:
+        out = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    num_chunks = lanes.chunk_slot.shape[1]
+    if num_chunks > 0 and b.shape[1] > 0:
+        _launch(out, h, b, bias, scale, rank, lanes, block_n, block_r)
+    if not inplace:
+        return out.to(base.dtype)
+    if out is not base:
+        base.copy_(out)
+    return base
+
+
+def _check_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes) -> None:
+    b, bias, scale, rank = factors.b, factors.bias, factors.scale, factors.rank
     if h.dim() != 3 or h.dtype != torch.float32 or h.shape[1] != lanes.num_lanes:
         raise ValueError(f"h must be fp32 (SPLIT_K, L={lanes.num_lanes}, R), got {h.dtype} {tuple(h.shape)}")
     if base.dim() != 2 or b.dim() != 3 or b.shape[1] != base.shape[1] or h.shape[2] < b.shape[2]:
@@ -136,23 +155,6 @@ def lora_expand(
     if rank.shape != (num_slots,) or rank.is_floating_point():
         raise ValueError(f"rank must be an integer (S,) = ({num_slots},) tensor, got {rank.dtype} {tuple(rank.shape)}")
     check_device(h, base, b, scale, rank, lanes.token, *(() if bias is None else (bias,)))
-
-    passes = lanes.num_passes
-    # One pass: add into base (or a copy), one rounding. Several: accumulate in fp32, round at the end.
-    if inplace and (passes == 1 or base.dtype == torch.float32):
-        out = base
-    elif passes == 1:
-        out = base.clone(memory_format=torch.contiguous_format)
-    else:
-        out = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    num_chunks = lanes.chunk_slot.shape[1]
-    if num_chunks > 0 and n > 0:
-        _launch(out, h, b, bias, scale, rank, lanes, block_n, block_r)
-    if not inplace:
-        return out.to(base.dtype)
-    if out is not base:
-        base.copy_(out)
-    return base
 
 
 def _launch(out, h, b, bias, scale, rank, lanes, block_n, block_r) -> None:

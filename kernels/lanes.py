@@ -22,9 +22,9 @@ number of passes. A pass holds at most ``n = min(L, T)`` lanes and cuts into at 
 ``C = ceil(n / BLOCK_M) + min(S, n)`` chunks (one partial chunk per segment); unused chunks carry
 slot -1 and their programs exit at once.
 
-Dropped lanes (slot -1, or weight 0, which adds an exact zero) and lanes that no chunk covers sit
-at the end of ``token``; no kernel reads them. A padded ``(D, M)`` routing grid can therefore be
-passed in as lanes directly: its padding lanes have weight 0.
+Dropped lanes (slot -1, a slot the bank does not have, or weight 0, which adds an exact zero) and
+lanes that no chunk covers sit at the end of ``token``; no kernel reads them. So one list of lanes
+over every slot of a forward serves banks of any size.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def build_lanes(
 
     Args:
         lane_token: ``(L,)`` integer, the token of each lane.
-        lane_slot: ``(L,)`` integer, the slot of each lane in ``[0, num_slots)``, or -1 (no adapter).
+        lane_slot: ``(L,)`` integer, the slot of each lane, or -1 (no adapter). Slots outside
+            ``[0, num_slots)`` are dropped too: a bank with fewer slots does not hold them.
         lane_weight: ``(L,)`` float, the request weight of each lane (any real number; 0 drops it).
         num_slots: ``S``, the bank's slot count (its leading dimension).
         passes: the most lanes any token has, a bound the caller knows on the host (the routing plan:
@@ -101,12 +102,36 @@ def build_lanes(
 
     Semantics::
 
-        keep = [l for l in range(L) if lane_slot[l] >= 0 and lane_weight[l] != 0]
+        keep = [l for l in range(L) if 0 <= lane_slot[l] < S and lane_weight[l] != 0]
         pass_of[l] = #{l' in keep, l' < l, lane_token[l'] == lane_token[l]}
         order = sorted(keep, key=lambda l: (pass_of[l], lane_slot[l]))  # stable
         token, weight = lane_token[order], lane_weight[order]             # then the dropped lanes
         chunks of pass p: each run of equal slots in order, cut every block_m lanes
     """
+    _check_lanes(lane_token, lane_slot, lane_weight)
+    num_lanes = lane_token.shape[0]
+    block_m = default_block_m(num_lanes) if block_m is None else block_m
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    valid = (lane_slot >= 0) & (lane_slot < num_slots) & (lane_weight != 0)  # (L,)
+    lane_pass = lane_passes(lane_token, valid)  # (L,)
+    if passes is None:
+        passes = int(torch.where(valid, lane_pass + 1, 0).max()) if num_lanes else 0  # host sync
+    passes = max(int(passes), 1)
+    groups = passes * num_slots  # one segment per (pass, slot)
+    key = torch.where(valid & (lane_pass < passes), lane_pass * num_slots + lane_slot.long(), groups)  # (L,)
+    order = torch.sort(key, stable=True).indices  # (L,)
+    token = lane_token.index_select(0, order).to(torch.int32)
+    weight = lane_weight.index_select(0, order).to(torch.float32)
+    per_pass = num_lanes if num_tokens is None else min(num_lanes, num_tokens)
+    chunks = -(-per_pass // block_m) + min(num_slots, per_pass)  # C, upper bound per pass
+    if chunks == 0 or num_slots == 0:
+        empty = torch.zeros(passes, 0, dtype=torch.int32, device=lane_token.device)
+        return Lanes(token, weight, empty, empty, empty, block_m)
+    return Lanes(token, weight, *_chunk_tables(key, passes, num_slots, chunks, block_m), block_m)
+
+
+def _check_lanes(lane_token: torch.Tensor, lane_slot: torch.Tensor, lane_weight: torch.Tensor) -> None:
     if not (lane_token.dim() == lane_slot.dim() == lane_weight.dim() == 1):
         raise ValueError("lane_token, lane_slot and lane_weight must be 1-D")
     num_lanes = lane_token.shape[0]
@@ -117,28 +142,13 @@ def build_lanes(
         )
     if lane_weight.is_complex() or not lane_weight.is_floating_point():
         raise TypeError(f"lane_weight must be a float tensor, got {lane_weight.dtype}")
-    block_m = default_block_m(num_lanes) if block_m is None else block_m
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
-    device = lane_token.device
-    valid = (lane_slot >= 0) & (lane_weight != 0)  # (L,)
-    lane_pass = lane_passes(lane_token, valid)  # (L,)
-    if passes is None:
-        passes = int(torch.where(valid, lane_pass + 1, 0).max()) if num_lanes else 0  # host sync
-    passes = max(int(passes), 1)
 
-    per_pass = num_lanes if num_tokens is None else min(num_lanes, num_tokens)
-    chunks = -(-per_pass // block_m) + min(num_slots, per_pass)  # C, upper bound per pass
-    groups = passes * num_slots  # one segment per (pass, slot)
 
-    key = torch.where(valid & (lane_pass < passes), lane_pass * num_slots + lane_slot.long(), groups)  # (L,)
-    order = torch.sort(key, stable=True).indices  # (L,)
-    token = lane_token.index_select(0, order).to(torch.int32)
-    weight = lane_weight.index_select(0, order).to(torch.float32)
-
-    if chunks == 0 or num_slots == 0:
-        empty = torch.zeros(passes, 0, dtype=torch.int32, device=device)
-        return Lanes(token, weight, empty, empty, empty, block_m)
+def _chunk_tables(key: torch.Tensor, passes: int, num_slots: int, chunks: int, block_m: int):
+    """``(chunk_slot, chunk_start, chunk_end)``, each ``(P, C)`` int32, from every lane's segment
+    key (``pass * S + slot``; ``P * S`` for a dropped lane), with torch ops only."""
+    device = key.device
+    groups = passes * num_slots
     count = torch.zeros(groups + 1, dtype=torch.int64, device=device)
     count.index_add_(0, key, torch.ones_like(key))  # (P*S + 1,) lanes per segment, dropped last
     seg_end = count.cumsum(0)[:groups].view(passes, num_slots)  # (P, S)
@@ -153,7 +163,5 @@ def build_lanes(
     first_chunk = (chunk_end_of_seg - seg_chunks).gather(1, slot)  # (P, C)
     start = seg_start.gather(1, slot) + (idx - first_chunk) * block_m
     end = torch.minimum(start + block_m, seg_end.gather(1, slot))
-    chunk_slot = torch.where(used, slot, -1).to(torch.int32)
-    chunk_start = torch.where(used, start, 0).to(torch.int32)
-    chunk_end = torch.where(used, end, 0).to(torch.int32)
-    return Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
+    return (torch.where(used, slot, -1).to(torch.int32), torch.where(used, start, 0).to(torch.int32),
+            torch.where(used, end, 0).to(torch.int32))

@@ -1,8 +1,8 @@
-"""LoRA shrink: every lane's input times its slot's A, for one to three banks that read the same x.
+"""LoRA shrink: every lane's input times its slot's A.
 
-    h[g, l, :rank] = x[token_l] · A_g[slot_l, :rank]ᵀ        fp32, g < G ≤ 3, l a sorted lane
+    h[l, :rank] = x[token_l] · A[slot_l, :rank]ᵀ        fp32, l a sorted lane
 
-One program computes a (BLOCK_M lanes) × (BLOCK_R ranks) tile of one bank over one K-split. The
+One program computes a (BLOCK_M lanes) × (BLOCK_R ranks) tile over one K-split. The
 lanes of a chunk share a slot (kernels/lanes.py), so the tile is a small GEMM against one
 adapter's A. Its rank block exits at once past the slot's real rank: mixed ranks share one launch
 and cost follows each slot's rank, not the bank's padded R. Columns past a slot's rank are left
@@ -10,12 +10,15 @@ unwritten; the expand never reads them.
 
 **Split-K.** Decode has few lanes and few chunks, so A (R×K per slot) is read by few programs. The
 launcher splits K across ``SPLIT_K`` programs that write separate partial sums
-``h (G, SPLIT_K, L, R)``; the expand adds them in a fixed order. No atomics, so the result stays
+``h (SPLIT_K, L, R)``; the expand adds them in a fixed order. No atomics, so the result stays
 deterministic.
 
-**Fusion.** Sibling projections (q/k/v, gate/up) read the same x with the same lanes. Passing their
-A banks together computes all of them in one launch, x tiles shared through the cache; the bank is
-picked per program. Each bank keeps its own rank table, R and strides; they must share K and dtype.
+**Not fused across sibling projections.** q/k/v (and gate/up) read the same x with the same lanes,
+so one launch could shrink all three. Hugging Face models call them as three separate modules,
+though, and a shared shrink would need the first call to hand its result to the other two through
+a side channel keyed on the input tensor, which cannot exist inside a compiled graph where each
+layer is one opaque op. Models that fuse the projections in one module (``c_attn``, ``qkv_proj``)
+get one shrink for all three anyway.
 
 **Numerics.** Products are formed exactly and summed in fp32: a 16-bit ``tl.dot`` when x and A
 share the dtype (bf16×bf16 products are exact in fp32), an fp32 ``ieee`` dot otherwise. Triton's
@@ -27,62 +30,36 @@ The embedding variant gathers instead of multiplying: h[l, :rank] = A[slot_l, :r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
+from .factors import Factors
 from .lanes import Lanes
 
-MAX_BANKS = 3
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
 def _shrink_kernel(
     # pointers
-    x_ptr, a0_ptr, a1_ptr, a2_ptr, rank0_ptr, rank1_ptr, rank2_ptr, h_ptr,
-    token_ptr, chunk_slot_ptr, chunk_start_ptr, chunk_end_ptr,
+    x_ptr, a_ptr, rank_ptr, h_ptr, token_ptr, chunk_slot_ptr, chunk_start_ptr, chunk_end_ptr,
     # sizes
     K, k_per_split,
     # strides
-    stride_xt, stride_xk,
-    stride_a0s, stride_a0r, stride_a0k,
-    stride_a1s, stride_a1r, stride_a1k,
-    stride_a2s, stride_a2r, stride_a2k,
-    stride_hg, stride_hs, stride_hl, stride_hr,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_hs, stride_hl, stride_hr,
     # constexprs
-    NUM_BANKS: tl.constexpr, R_BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    R_BLOCKS: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One flat grid, chunk slowest: the programs that read one chunk's x tiles run side by side.
     pid = tl.program_id(0)
     pid_r = pid % R_BLOCKS
-    pid_g = (pid // R_BLOCKS) % NUM_BANKS
-    pid_s = (pid // (R_BLOCKS * NUM_BANKS)) % SPLIT_K
-    pid_c = pid // (R_BLOCKS * NUM_BANKS * SPLIT_K)
+    pid_s = (pid // R_BLOCKS) % SPLIT_K
+    pid_c = pid // (R_BLOCKS * SPLIT_K)
     slot = tl.load(chunk_slot_ptr + pid_c)
     if slot < 0:
         return
-
-    a_ptr = a0_ptr
-    rank_ptr = rank0_ptr
-    stride_as = stride_a0s
-    stride_ar = stride_a0r
-    stride_ak = stride_a0k
-    if pid_g == 1:
-        a_ptr = a1_ptr
-        rank_ptr = rank1_ptr
-        stride_as = stride_a1s
-        stride_ar = stride_a1r
-        stride_ak = stride_a1k
-    if pid_g == 2:
-        a_ptr = a2_ptr
-        rank_ptr = rank2_ptr
-        stride_as = stride_a2s
-        stride_ar = stride_a2r
-        stride_ak = stride_a2k
     rank = tl.load(rank_ptr + slot)
     if pid_r * BLOCK_R >= rank:
         return
@@ -107,7 +84,7 @@ def _shrink_kernel(
         at = tl.load(a_cols + offs_k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc += tl.dot(x.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision="ieee")
 
-    h_ptrs = h_ptr + pid_g * stride_hg + pid_s * stride_hs + offs_m[:, None] * stride_hl + offs_r[None, :] * stride_hr
+    h_ptrs = h_ptr + pid_s * stride_hs + offs_m[:, None] * stride_hl + offs_r[None, :] * stride_hr
     tl.store(h_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
@@ -191,104 +168,75 @@ def default_split_k(num_programs: int, k: int, block_k: int, device: torch.devic
     return split
 
 
-def shrink_out_shape(num_banks: int, split_k: int, num_lanes: int, ranks: Sequence[int]) -> tuple[int, ...]:
-    return (num_banks, split_k, num_lanes, max(ranks))
-
-
 def lora_shrink(
     x: torch.Tensor,
-    a: torch.Tensor | Sequence[torch.Tensor],
-    rank: torch.Tensor | Sequence[torch.Tensor],
+    factors: Factors,
     lanes: Lanes,
     split_k: int | None = None,
     block_r: int = 16,
     block_k: int = 128,
 ) -> torch.Tensor:
-    """Shrink every lane through its slot's A, for one bank or up to three sibling banks.
+    """Shrink every lane through its slot's A.
 
     Args:
         x: ``(T, K)`` activations, fp32, fp16 or bf16, any strides.
-        a: ``(S, R, K)`` A bank, or a sequence of 1 to 3 of them (same K and dtype; own S and R),
-            zero or not past each slot's rank: columns past it are never read.
-        rank: ``(S,)`` integer real rank of each slot, one per bank.
-        lanes: the layout from :func:`kernels.lanes.build_lanes`; its slots must be present in
-            every bank.
+        factors: the bank; ``a (S, R, K)`` and ``rank (S,)`` are read, A zero or not past each
+            slot's rank (columns past it are never read).
+        lanes: the layout from :func:`kernels.lanes.build_lanes` for ``S`` slots.
         split_k: K-splits (partial sums the expand adds); default: enough to fill the GPU.
 
     Returns:
-        ``h (G, SPLIT_K, L, R_max)`` fp32 partial sums, ``R_max`` the largest bank R. ``h[g]`` is
-        the input of :func:`kernels.expand.lora_expand` for bank ``g``. Only ``h[g, :, l, :rank]``
-        of lanes that a chunk covers is written.
+        ``h (SPLIT_K, L, R)`` fp32 partial sums, the input of :func:`kernels.expand.lora_expand`.
+        Only ``h[:, l, :rank]`` of lanes that a chunk covers is written.
 
     Semantics::
 
-        h = torch.empty(G, SPLIT_K, L, R_max)
-        for g, (a_g, rank_g) in enumerate(zip(a, rank)):
-            for l in covered lanes, s = slot of l's chunk, r = rank_g[s]:
-                h[g, :, l, :r] = split_k partial sums of x[token[l]].float() @ a_g[s, :r].float().T
+        h = torch.empty(SPLIT_K, L, R)
+        for l in covered lanes, s = slot of l's chunk, r = rank[s]:
+            h[:, l, :r] = split_k partial sums of x[token[l]].float() @ a[s, :r].float().T
     """
-    banks = (a,) if torch.is_tensor(a) else tuple(a)
-    ranks = (rank,) if torch.is_tensor(rank) else tuple(rank)
-    if not 1 <= len(banks) <= MAX_BANKS or len(ranks) != len(banks):
-        raise ValueError(f"expected 1 to {MAX_BANKS} A banks with one rank table each, got {len(banks)} and {len(ranks)}")
+    a, rank = factors.a, factors.rank
     if x.dim() != 2:
         raise ValueError(f"x must be (T, K), got shape {tuple(x.shape)}")
     k = x.shape[1]
-    for g, (a_g, rank_g) in enumerate(zip(banks, ranks)):
-        if a_g.dim() != 3 or a_g.shape[2] != k:
-            raise ValueError(f"A bank {g} must be (S, R, {k}), got shape {tuple(a_g.shape)}")
-        if a_g.dtype != banks[0].dtype:
-            raise ValueError(f"A banks must share a dtype, got {banks[0].dtype} and {a_g.dtype}")
-        if rank_g.shape != (a_g.shape[0],) or rank_g.is_floating_point():
-            raise ValueError(
-                f"rank {g} must be an integer (S,) = ({a_g.shape[0]},) tensor, got {rank_g.dtype} {tuple(rank_g.shape)}"
-            )
-        if rank_g.dtype != ranks[0].dtype:
-            raise ValueError(f"rank tables must share a dtype, got {ranks[0].dtype} and {rank_g.dtype}")
-    check_device(x, *banks, *ranks, lanes.token, lanes.chunk_slot)
+    if a.dim() != 3 or a.shape[2] != k:
+        raise ValueError(f"a must be (S, R, {k}), got shape {tuple(a.shape)}")
+    if rank.shape != (a.shape[0],) or rank.is_floating_point():
+        raise ValueError(f"rank must be an integer (S,) = ({a.shape[0]},) tensor, got {rank.dtype} {tuple(rank.shape)}")
+    check_device(x, a, rank, lanes.token, lanes.chunk_slot)
 
     num_chunks = lanes.chunk_slot.numel()
-    r_max = max(a_g.shape[1] for a_g in banks)
-    r_blocks = triton.cdiv(max(r_max, 1), block_r)
-    grid_c = num_chunks * len(banks) * r_blocks
+    r = a.shape[1]
+    r_blocks = triton.cdiv(max(r, 1), block_r)
     if split_k is None:
-        split_k = default_split_k(grid_c, k, block_k, x.device)
-    h = torch.empty(shrink_out_shape(len(banks), split_k, lanes.num_lanes, [a_g.shape[1] for a_g in banks]),
-                    dtype=torch.float32, device=x.device)
-    if num_chunks == 0 or r_max == 0 or k == 0:
+        split_k = default_split_k(num_chunks * r_blocks, k, block_k, x.device)
+    h = torch.empty(split_k, lanes.num_lanes, r, dtype=torch.float32, device=x.device)
+    if num_chunks == 0 or r == 0 or k == 0:
         return h.zero_()
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    padded = banks + (banks[0],) * (MAX_BANKS - len(banks))  # unused bank arguments are never read
-    padded_rank = ranks + (ranks[0],) * (MAX_BANKS - len(ranks))
-    grid = (num_chunks * split_k * len(banks) * r_blocks,)
-    _shrink_kernel[grid](
-        x, *padded, *padded_rank, h,
-        lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
+    _shrink_kernel[(num_chunks * split_k * r_blocks,)](
+        x, a, rank, h, lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
         k, k_per_split,
-        x.stride(0), x.stride(1),
-        *(s for a_g in padded for s in a_g.stride()),
-        *h.stride(),
-        NUM_BANKS=len(banks), R_BLOCKS=r_blocks, SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype, banks[0].dtype),
+        x.stride(0), x.stride(1), *a.stride(), *h.stride(),
+        R_BLOCKS=r_blocks, SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype, a.dtype),
         BLOCK_M=lanes.block_m, BLOCK_R=block_r, BLOCK_K=block_k,
     )
     return h
 
 
-def lora_embedding_shrink(
-    ids: torch.Tensor, a: torch.Tensor, rank: torch.Tensor, lanes: Lanes, block_r: int = 16
-) -> torch.Tensor:
-    """Gather every lane's A column: ``h (1, 1, L, R)`` fp32 with ``h[0, 0, l, :rank] = A[slot_l, :rank, ids[token_l]]``.
+def lora_embedding_shrink(ids: torch.Tensor, factors: Factors, lanes: Lanes, block_r: int = 16) -> torch.Tensor:
+    """Gather every lane's A column: ``h (1, L, R)`` fp32 with ``h[0, l, :rank] = A[slot_l, :rank, ids[token_l]]``.
 
     Args:
         ids: ``(T,)`` integer token ids; an id outside ``[0, V)`` gathers zeros.
-        a: ``(S, R, V)`` lora_embedding_A bank, as PEFT stores it.
-        rank: ``(S,)`` integer real rank of each slot.
+        factors: the bank; ``a (S, R, V)`` (lora_embedding_A, as PEFT stores it) and ``rank`` are read.
 
     Semantics::
 
         for l in covered lanes, s = slot of l's chunk:
-            h[0, 0, l, :rank[s]] = a[s, :rank[s], ids[token[l]]].float()
+            h[0, l, :rank[s]] = a[s, :rank[s], ids[token[l]]].float()
     """
+    a, rank = factors.a, factors.rank
     if ids.dim() != 1 or a.dim() != 3 or rank.shape != (a.shape[0],) or rank.is_floating_point():
         raise ValueError(
             f"expected ids (T,), a (S, R, V) and an integer rank (S,), got {tuple(ids.shape)}, "
@@ -297,14 +245,14 @@ def lora_embedding_shrink(
     check_device(ids, a, rank, lanes.token)
     num_chunks = lanes.chunk_slot.numel()
     r = a.shape[1]
-    h = torch.empty(1, 1, lanes.num_lanes, r, dtype=torch.float32, device=a.device)
+    h = torch.empty(1, lanes.num_lanes, r, dtype=torch.float32, device=a.device)
     if num_chunks == 0 or r == 0:
         return h.zero_()
     grid = (num_chunks, triton.cdiv(r, block_r))
     _embedding_shrink_kernel[grid](
-        ids, a, rank, h[0, 0], lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
+        ids, a, rank, h[0], lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
         a.shape[2],
-        a.stride(0), a.stride(1), a.stride(2), h.stride(2), h.stride(3),
+        a.stride(0), a.stride(1), a.stride(2), h.stride(1), h.stride(2),
         BLOCK_M=lanes.block_m, BLOCK_R=block_r,
     )
     return h

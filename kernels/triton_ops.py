@@ -1,4 +1,4 @@
-"""Grouped LoRA branch on Triton: the bank, its per-slot tables and a lane layout in, ``base + Δ`` out.
+"""Grouped LoRA branch on Triton: a bank's factors and a lane layout in, ``base + Δ`` out.
 
     out[t] = base[t] + Σ_{lanes l of token t}  w_l · s[slot_l] · (B[slot_l] (A[slot_l] x[t]) + b[slot_l])
 
@@ -6,108 +6,102 @@ Same semantics as :func:`kernels.reference.lora_delta`, but the kernels read the
 directly (no gather of the used slots, no padding grid) and loop each slot to its real rank. Two
 launches per layer (one per pass for weighted sets), whatever the number of distinct adapters:
 
-    lanes = build_lanes(lane_token, lane_slot, lane_weight, S, passes)   # once per forward, per bank slot set
-    y = lora_delta(x, base, a, b, bias, scale, rank, lanes)              # per layer
+    lanes = build_lanes(lane_token, lane_slot, lane_weight, S, passes)   # once per forward and bank size
+    y = lora_delta(x, base, factors, lanes)                              # per layer
 
 Integration notes (``from lora_graph.kernels import triton_ops``; it imports triton):
 - ``lane_token (L,)``, ``lane_slot (L,)`` (-1: none) and ``lane_weight (L,)`` list every
-  (token, adapter, weight) of the forward, slots being the bank's own (global) slot ids. The
-  routing plan's padded grid already is such a list: ``lane_token = grid.token``,
-  ``lane_slot = slots.repeat_interleave(M)`` (``slots`` the grid's slots as a device tensor),
-  ``lane_weight = grid.weight.flatten()``; padding lanes have weight 0 and are dropped. ``passes``
-  is the largest weighted set of any row (``max(len(row) for row in plan.rows)``): pass it, since
-  computing it synchronises with the device.
-- Build lanes once per (token count, slot set) and share them across the layers of that forward:
-  the builder is a dozen small torch ops. Its grid sizes depend only on L, S and ``passes``, and
-  nothing in it or in the ops reads a device value on the host, so a decode step can be captured
-  in a CUDA graph.
-- The kernels take the whole bank (``a (S, R, K)``, ``b (S, N, R)``, ``bias (S, N)``) as the bank
-  stores it: no gather of the used slots. ``scale (S,)`` float and ``rank (S,)`` integer are device
-  tables kept beside the bank. A slot of rank 0 adds nothing, whatever its other values, so one lane
-  layout can serve every layer of a forward, including layers whose bank does not hold some of its
-  slots. Values past a slot's rank are never read.
+  (token, adapter, weight) of the forward, slots being the bank's own (global) slot ids. ``passes``
+  is the largest weighted set of any token: pass it, since computing it synchronises with the device.
+- Build lanes once per forward and bank size, and share them across the layers of that forward: the
+  builder is a dozen small torch ops. Its grid sizes depend only on L, S and ``passes``, and nothing
+  in it or in the ops reads a device value on the host, so a decode step can be captured in a CUDA
+  graph.
+- The kernels take the whole bank (``Factors``: ``a (S, R, K)``, ``b (S, N, R)``, ``bias (S, N)``,
+  ``scale (S,)``, ``rank (S,)``) as the bank stores it: no gather of the used slots. A slot of rank 0
+  adds nothing, whatever its other values, so one lane layout serves every layer of a forward,
+  including layers whose bank does not hold some of its slots. Values past a slot's rank are never
+  read.
 - ``inplace=True`` adds into ``base`` instead of a copy of it: a patched layer owns its fresh base
   output, and this saves one pass over ``(T, N)``.
-- Sibling projections (q/k/v, gate/up) whose banks hold the lanes' slots can share one shrink:
-  ``h = lora_shrink(x, (a_q, a_k, a_v), (rank_q, rank_k, rank_v), lanes)`` then
-  ``lora_expand(h[g], base_g, b_g, bias_g, scale_g, rank_g, lanes)`` per projection. It pays off
-  when the three layers run on the same x, which in HF code means the first of them computes
-  ``h`` and the caller keeps it for the other two.
 - Inference only: no autograd formula is registered.
 
 Ops registered with ``torch.library`` (fake implementations included, so ``torch.compile`` sees
 one opaque op per call and never traces into Triton): ``lora_graph::lora_delta``, ``lora_delta_``
 (in place), ``lora_shrink``, ``lora_expand``, ``lora_expand_`` (in place), ``lora_embedding_delta``.
+They take the fields of ``Factors`` and ``Lanes`` one by one; the functions below take the records.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) they run on CPU tensors in Triton's
 interpreter, which is how the tests run them; without it, CPU tensors raise a RuntimeError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from .expand import lora_expand as _expand
+from .factors import Factors
 from .lanes import Lanes, build_lanes
-from .shrink import default_split_k, lora_embedding_shrink, shrink_out_shape
+from .shrink import default_split_k, lora_embedding_shrink
 from .shrink import lora_shrink as _shrink
 
-__all__ = ["Lanes", "build_lanes", "lora_delta", "lora_embedding_delta", "lora_expand", "lora_shrink"]
+__all__ = ["Factors", "Lanes", "build_lanes", "lora_delta", "lora_embedding_delta", "lora_expand", "lora_shrink"]
 
 _BLOCK_K = 128  # the shrink's K tile, also the split-K granularity
 
 
+# -- the registered ops: records spelled out as tensors ----------------------------------------------
+
+
 @torch.library.custom_op("lora_graph::lora_shrink", mutates_args=())
 def _shrink_op(
-    x: torch.Tensor, a: list[torch.Tensor], rank: list[torch.Tensor], token: torch.Tensor,
-    weight: torch.Tensor, chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor,
-    block_m: int, split_k: int,
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+    rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
+    chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _shrink(x, a, rank, lanes, split_k=split_k, block_k=_BLOCK_K)
+    return _shrink(x, Factors(a, b, bias, scale, rank), lanes, split_k=split_k, block_k=_BLOCK_K)
 
 
 @_shrink_op.register_fake
-def _(x, a, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k):
-    shape = shrink_out_shape(len(a), split_k, token.shape[0], [a_g.shape[1] for a_g in a])
-    return x.new_empty(shape, dtype=torch.float32)
+def _(x, a, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k):
+    return x.new_empty((split_k, token.shape[0], a.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("lora_graph::lora_expand", mutates_args=())
 def _expand_op(
-    h: torch.Tensor, base: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-    rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
+    h: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
     chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _expand(h, base, b, bias, scale, rank, lanes)
+    return _expand(h, base, Factors(a, b, bias, scale, rank), lanes)
 
 
 @_expand_op.register_fake
-def _(h, base, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m):
+def _(h, base, a, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m):
     return base.new_empty(base.shape)
 
 
 @torch.library.custom_op("lora_graph::lora_expand_", mutates_args=("base",))
 def _expand_inplace_op(
-    h: torch.Tensor, base: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-    rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
+    h: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
     chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
 ) -> None:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    _expand(h, base, b, bias, scale, rank, lanes, inplace=True)
+    _expand(h, base, Factors(a, b, bias, scale, rank), lanes, inplace=True)
 
 
-def _delta(x, base, a, b, bias, scale, rank, lanes, split_k, inplace):
+def _delta(x, base, factors: Factors, lanes: Lanes, split_k: int, inplace: bool) -> torch.Tensor:
+    a, b = factors.a, factors.b
     if x.dim() != 2 or x.shape[0] != base.shape[0] or a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (
         b.shape[0], b.shape[2]
     ):
         raise ValueError(
             f"shapes do not agree: x {tuple(x.shape)}, base {tuple(base.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
-    h = _shrink(x, a, rank, lanes, split_k=split_k, block_k=_BLOCK_K)  # (1, SPLIT_K, L, R)
-    return _expand(h[0], base, b, bias, scale, rank, lanes, inplace=inplace)
+    h = _shrink(x, factors, lanes, split_k=split_k, block_k=_BLOCK_K)  # (SPLIT_K, L, R)
+    return _expand(h, base, factors, lanes, inplace=inplace)
 
 
 @torch.library.custom_op("lora_graph::lora_delta", mutates_args=())
@@ -117,7 +111,7 @@ def _delta_op(
     chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _delta(x, base, a, b, bias, scale, rank, lanes, split_k, inplace=False)
+    return _delta(x, base, Factors(a, b, bias, scale, rank), lanes, split_k, inplace=False)
 
 
 @_delta_op.register_fake
@@ -132,7 +126,7 @@ def _delta_inplace_op(
     chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
 ) -> None:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    _delta(x, base, a, b, bias, scale, rank, lanes, split_k, inplace=True)
+    _delta(x, base, Factors(a, b, bias, scale, rank), lanes, split_k, inplace=True)
 
 
 @torch.library.custom_op("lora_graph::lora_embedding_delta", mutates_args=())
@@ -148,10 +142,11 @@ def _embedding_delta_op(
         raise ValueError(
             f"shapes do not agree: ids {tuple(ids.shape)}, base {tuple(base.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
-    h = lora_embedding_shrink(ids, a, rank, lanes)  # (1, 1, L, R)
+    factors = Factors(a, b, None, scale, rank)
+    h = lora_embedding_shrink(ids, factors, lanes)  # (1, L, R)
     if embed_scale is not None:
         h.mul_(embed_scale.float())
-    return _expand(h[0], base, b, None, scale, rank, lanes)
+    return _expand(h, base, factors, lanes)
 
 
 @_embedding_delta_op.register_fake
@@ -159,21 +154,20 @@ def _(ids, base, a, b, scale, rank, token, weight, chunk_slot, chunk_start, chun
     return base.new_empty(base.shape)
 
 
-def _split_k(split_k: int | None, x: torch.Tensor, lanes: Lanes, banks: Sequence[torch.Tensor]) -> int:
+# -- the functions: records in ------------------------------------------------------------------------
+
+
+def _split_k(split_k: int | None, x: torch.Tensor, lanes: Lanes, factors: Factors) -> int:
     if split_k is not None:
         return split_k
-    r_blocks = -(-max(a.shape[1] for a in banks) // 16)
-    return default_split_k(lanes.chunk_slot.numel() * len(banks) * r_blocks, x.shape[1], _BLOCK_K, x.device)
+    r_blocks = -(-factors.a.shape[1] // 16)
+    return default_split_k(lanes.chunk_slot.numel() * r_blocks, x.shape[1], _BLOCK_K, x.device)
 
 
 def lora_delta(
     x: torch.Tensor,
     base: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor,
-    rank: torch.Tensor,
+    factors: Factors,
     lanes: Lanes,
     split_k: int | None = None,
     inplace: bool = False,
@@ -186,79 +180,46 @@ def lora_delta(
     Args:
         x: ``(T, K)`` activations, fp32, fp16 or bf16.
         base: ``(T, N)`` output of the untouched base layer.
-        a: ``(S, R, K)`` the bank's lora_A, fp32, fp16 or bf16.
-        b: ``(S, N, R)`` the bank's lora_B, same dtype as ``a`` or not.
-        bias: ``(S, N)`` the bank's lora_B bias, or None.
-        scale: ``(S,)`` float, ``alpha / r`` (or ``alpha / sqrt(r)``) per slot.
-        rank: ``(S,)`` integer real rank per slot (``<= R``).
+        factors: the bank: ``a (S, R, K)`` and ``b (S, N, R)`` in fp32, fp16 or bf16 (not
+            necessarily the same), ``bias (S, N)`` or None, ``scale (S,)`` float (``alpha / r``
+            or rsLoRA's, per slot) and ``rank (S,)`` integer (``<= R``).
         lanes: :func:`build_lanes` of the forward's lanes for ``S`` slots.
         split_k: K-splits of the shrink; default: enough programs to fill the GPU.
         inplace: update ``base`` and return it.
 
-    Semantics::
-
-        out = base.float()
-        for each lane l = (t, s, w) with s != -1:
-            r = rank[s]
-            y = b[s, :, :r].float() @ (a[s, :r].float() @ x[t].float())
-            if bias is not None:
-                y = y + bias[s].float()
-            out[t] += w * scale[s] * y
-        return out.to(base.dtype)
-
-    That is :func:`kernels.reference.lora_delta` with ``a``/``b``/``bias`` gathered by slot and
-    ``coef = w · scale``; tokens with several lanes add them in pass order, deterministically.
+    Semantics: :func:`kernels.reference.lora_delta` on the same operands; tokens with several
+    lanes add them in pass order, deterministically.
     """
-    split_k = _split_k(split_k, x, lanes, (a,))
+    split_k = _split_k(split_k, x, lanes, factors)
+    args = (x, base, *factors, *lanes[:5], lanes.block_m, split_k)
     if inplace:
-        _delta_inplace_op(x, base, a, b, bias, scale, rank, *lanes[:5], lanes.block_m, split_k)
+        _delta_inplace_op(*args)
         return base
-    return _delta_op(x, base, a, b, bias, scale, rank, *lanes[:5], lanes.block_m, split_k)
+    return _delta_op(*args)
 
 
-def lora_shrink(
-    x: torch.Tensor,
-    a: torch.Tensor | Sequence[torch.Tensor],
-    rank: torch.Tensor | Sequence[torch.Tensor],
-    lanes: Lanes,
-    split_k: int | None = None,
-) -> torch.Tensor:
-    """``h (G, SPLIT_K, L, R_max)`` fp32: x through the A of 1 to 3 banks that share x and lanes.
-
-    See :func:`kernels.shrink.lora_shrink`; feed ``h[g]`` to :func:`lora_expand`.
-    """
-    banks = [a] if torch.is_tensor(a) else list(a)
-    ranks = [rank] if torch.is_tensor(rank) else list(rank)
-    split_k = _split_k(split_k, x, lanes, banks)
-    return _shrink_op(x, banks, ranks, *lanes[:5], lanes.block_m, split_k)
+def lora_shrink(x: torch.Tensor, factors: Factors, lanes: Lanes, split_k: int | None = None) -> torch.Tensor:
+    """``h (SPLIT_K, L, R)`` fp32: x through each lane's A. See :func:`kernels.shrink.lora_shrink`;
+    feed ``h`` to :func:`lora_expand`."""
+    split_k = _split_k(split_k, x, lanes, factors)
+    return _shrink_op(x, *factors, *lanes[:5], lanes.block_m, split_k)
 
 
-def lora_expand(
-    h: torch.Tensor,
-    base: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: torch.Tensor,
-    rank: torch.Tensor,
-    lanes: Lanes,
-    inplace: bool = False,
-) -> torch.Tensor:
+def lora_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes,
+                inplace: bool = False) -> torch.Tensor:
     """``base`` plus ``w · s · (h·Bᵀ + b)`` of every lane, in ``base.dtype`` (into ``base`` itself
-    with ``inplace=True``); ``h`` is one bank's ``(SPLIT_K, L, R')`` slice of :func:`lora_shrink`.
-    See :func:`kernels.expand.lora_expand`."""
+    with ``inplace=True``). See :func:`kernels.expand.lora_expand`."""
+    args = (h, base, *factors, *lanes[:5], lanes.block_m)
     if inplace:
-        _expand_inplace_op(h, base, b, bias, scale, rank, *lanes[:5], lanes.block_m)
+        _expand_inplace_op(*args)
         return base
-    return _expand_op(h, base, b, bias, scale, rank, *lanes[:5], lanes.block_m)
+    return _expand_op(*args)
 
 
 def lora_embedding_delta(
     ids: torch.Tensor,
     base: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    rank: torch.Tensor,
+    factors: Factors,
     lanes: Lanes,
     embed_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
@@ -267,20 +228,14 @@ def lora_embedding_delta(
     Args:
         ids: ``(T,)`` integer token ids.
         base: ``(T, N)`` output of the untouched embedding.
-        a: ``(S, R, V)`` lora_embedding_A bank, as PEFT stores it.
-        b: ``(S, N, R)`` lora_embedding_B bank.
-        scale, rank, lanes: as in :func:`lora_delta`.
+        factors: the bank: ``a (S, R, V)`` lora_embedding_A and ``b (S, N, R)`` lora_embedding_B,
+            as PEFT stores them, ``scale`` and ``rank``; ``bias`` is not read.
+        lanes: as in :func:`lora_delta`.
         embed_scale: the base embedding's ``embed_scale`` (Gemma), applied to the delta as PEFT does.
 
-    Semantics::
-
-        out = base.float()
-        for each lane l = (t, s, w) with s != -1:
-            r = rank[s]
-            y = b[s, :, :r].float() @ a[s, :r, ids[t]].float()
-            out[t] += w * scale[s] * y * embed_scale
-        return out.to(base.dtype)
+    Semantics: :func:`kernels.reference.lora_embedding_delta` on the same operands.
     """
     if embed_scale is not None and not torch.is_tensor(embed_scale):
         embed_scale = torch.full((), float(embed_scale), dtype=torch.float32, device=base.device)  # no host copy
+    a, b, _, scale, rank = factors
     return _embedding_delta_op(ids, base, a, b, scale, rank, *lanes[:5], lanes.block_m, embed_scale)

@@ -3,6 +3,7 @@
     lm = lora_graph.wrap(model)
     lm.load_adapter("sql", "path/to/peft_dir")
     lm.generate(input_ids=ids, adapters=["sql", None, {"sql": 0.5, "chat": 1.0}])
+    lm(input_ids=packed_ids, adapters=lora_graph.Packed(lengths=[5, 3], adapters=["sql", None]))
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import torch
 
 from .config import AdapterConfigError
-from .wrapper import AdapterInfo, LoraGraph
+from .routing import Packed
+from .store import AdapterInfo
+from .wrapper import LoraGraph
 
-__all__ = ["wrap", "LoraGraph", "AdapterInfo", "AdapterConfigError", "__version__"]
+__all__ = ["wrap", "LoraGraph", "AdapterInfo", "AdapterConfigError", "Packed", "__version__"]
 __version__ = "0.1.0"
 
 

@@ -15,7 +15,7 @@ import logging
 import mmap
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -59,7 +59,8 @@ class ModuleShape:
 
 @dataclass(frozen=True)
 class ModuleLora:
-    """One adapter's factors for one module, in PEFT's layout."""
+    """One adapter's factors for one module, in PEFT's layout: the record that the store, the host
+    cache and the banks pass whole (a new per-module quantity is a new field here)."""
 
     a: torch.Tensor  # (r, K)
     b: torch.Tensor  # (N, r)
@@ -68,8 +69,16 @@ class ModuleLora:
     scale: float
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.a, self.b) if self.bias is None else (self.a, self.b, self.bias)
+
+    @property
     def numel(self) -> int:
-        return self.a.numel() + self.b.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return sum(t.numel() for t in self.tensors)
+
+    def map(self, fn) -> ModuleLora:
+        """The same record with every tensor passed through ``fn`` (a copy into a buffer, a view)."""
+        return replace(self, a=fn(self.a), b=fn(self.b), bias=None if self.bias is None else fn(self.bias))
 
 
 @dataclass(frozen=True)

@@ -1,49 +1,41 @@
 """AdapterBank: the LoRA factors of every resident adapter for one patched module, stacked by slot.
 
-    a    (S, R, K)   lora_A of each slot, zero past the slot's rank
-    b    (S, N, R)   lora_B of each slot, zero past the slot's rank
-    bias (S, N)      lora_B bias, allocated only once some adapter has one
-    scale[S], rank[S]  per-slot runtime data: never folded into the factors; also kept as device
-                     tables (``scale_t``, ``rank_t``, 0 for slots the module does not hold)
+    factors   kernels' Factors record: a (S, R, K), b (S, N, R), bias (S, N) allocated only once some
+              adapter has one, scale (S,) and rank (S,) per-slot tables (0 for slots not held here)
+    scale, rank, with_bias   the same per slot as host data, for the torch backend's gathers
 
 A slot is an adapter's row; slot ids are global to the wrapper, so one request resolves to the same
 slot in every module. A module that an adapter does not target simply does not hold its slot.
+Scale and rank are runtime data: never folded into the factors.
 
 Everything a forward reads is one immutable ``BankState``, swapped in by a single assignment, so
 a forward racing a load in another thread sees either the old state or the new one, never half of
 each. Writes go only to free slots (no running request routes to them), so writing a slot in place
 is invisible to running forwards. ``stage`` builds whatever new storage a load needs without
 touching the current state, and ``commit`` swaps it in; a load that fails half-way through the
-modules leaves every bank as it was.
+modules leaves every bank as it was. Every write, moving the bank with its module included, happens
+under the wrapper's lock; forwards only read.
 
 The storage and the tables are written in place while the bank does not grow, so their
-addresses stay fixed: a compiled model takes them as graph inputs (``tables``), and CUDA graphs
+addresses stay fixed: a compiled model takes them as graph inputs (``factors``), and CUDA graphs
 read them in place.
-
-``operands`` gathers the used slots for the torch path, cut to the largest rank among them (so the
-bits of a result never depend on which other adapters were loaded before), and keeps the result
-while the state and the set of slots are unchanged: decode steps with the same adapters copy
-nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from .adapters import ModuleLora
+from .kernels.factors import Factors
 
 
 @dataclass(frozen=True)
 class BankState:
-    a: torch.Tensor  # (S, R, K)
-    b: torch.Tensor  # (S, N, R)
-    bias: torch.Tensor | None  # (S, N)
-    # per-slot tables for the kernels, on the bank's device; 0 for slots this module does not hold
-    scale_t: torch.Tensor  # (S,) fp32
-    rank_t: torch.Tensor  # (S,) int32
+    factors: Factors  # the stacked factors and per-slot tables, on the bank's device
     scale: dict = field(default_factory=dict)  # slot -> float
     rank: dict = field(default_factory=dict)  # slot -> int
     with_bias: frozenset = frozenset()
@@ -66,31 +58,24 @@ def _set(table: torch.Tensor, slot: int, value) -> None:
 class _Staged:
     slot: int
     lora: ModuleLora
-    a: torch.Tensor
-    b: torch.Tensor
-    bias: torch.Tensor | None
-    scale_t: torch.Tensor
-    rank_t: torch.Tensor
+    factors: Factors  # the storage that will hold it: the current one, or a grown copy
 
 
 class AdapterBank:
     def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
-                 slots: int = 0, rank: int = 0, grow: bool = True, kernel_tables: bool = True) -> None:
+                 slots: int = 0, rank: int = 0, grow: bool = True, lock: threading.RLock | None = None) -> None:
         """``slots`` and ``rank`` preallocate the stacked buffers; with ``grow`` a load that needs
-        more slots doubles them. ``kernel_tables=False`` (the torch backend, which reads the dicts)
-        leaves ``scale_t``/``rank_t`` empty and saves writing them on every load."""
-        self.kernel_tables = kernel_tables
+        more slots doubles them. ``lock`` is the owner's, held by every write."""
         self.in_features = in_features
         self.out_features = out_features
         self.device = device
         self.dtype = dtype
         self.grow = grow
-        a = self._zeros(slots, rank, in_features)
-        b = self._zeros(slots, out_features, rank)
-        table_slots = slots if kernel_tables else 0
+        self.lock = lock if lock is not None else threading.RLock()
         self._row_views: dict[int, tuple] = {}
-        self._publish(BankState(a, b, None, self._zeros(table_slots, dtype=torch.float32),
-                                self._zeros(table_slots, dtype=torch.int32)))
+        self._publish(BankState(Factors(self._zeros(slots, rank, in_features), self._zeros(slots, out_features, rank),
+                                        None, self._zeros(slots, dtype=torch.float32),
+                                        self._zeros(slots, dtype=torch.int32))))
 
     def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Bank storage. Its address is fixed until the bank grows, so on CUDA it is marked static
@@ -102,14 +87,7 @@ class AdapterBank:
 
     def _publish(self, state: BankState) -> None:
         self.state = state
-        # the same tensors as one plain tuple, for the traced path of a compiled model
-        self.tables = (state.a, state.b, state.bias, state.scale_t, state.rank_t)
-        # what was gathered from, and bound to, the previous state is stale: drop it now, so that
-        # an unload gives the memory back without waiting for the next forward
-        self._gathered: tuple | None = None
-        # the torch backend's branch bound by the layer's last forward:
-        # (plan, state, input shape, device, (pre, post) | None); see LoraLinear
-        self.bound: tuple | None = None
+        self.factors = state.factors  # a plain attribute, for the traced path of a compiled model
 
     # -- what forwards read ---------------------------------------------------------------
     @property
@@ -117,78 +95,54 @@ class AdapterBank:
         return self.state.present
 
     @property
-    def a(self) -> torch.Tensor:
-        return self.state.a
-
-    @property
-    def b(self) -> torch.Tensor:
-        return self.state.b
-
-    @property
     def nbytes(self) -> int:
-        st = self.state
-        n = st.a.numel() * st.a.element_size() + st.b.numel() * st.b.element_size()
-        return n + (st.bias.numel() * st.bias.element_size() if st.bias is not None else 0)
+        """The stacked factors' bytes (the small per-slot tables aside)."""
+        f = self.state.factors
+        return sum(t.numel() * t.element_size() for t in (f.a, f.b, f.bias) if t is not None)
 
-    def operands(self, slots: tuple[int, ...], weight: torch.Tensor, state: BankState | None = None):
-        """Factors of ``slots`` from ``state`` (default: the current one) and the per-lane coefficient ``w · s`` for a
-        ``(D, M)`` weight grid: ``(a (D, r, K), b (D, N, r), bias (D, N) | None, coef (D, M, 1))``
-        with ``r`` the largest rank among ``slots``."""
-        state = self.state if state is None else state
-        gathered = self._gathered
-        if gathered is None or gathered[0] != slots or gathered[1] is not state:
-            r = max(state.rank[s] for s in slots)
-            idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-            # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as
-            # Aᵀ (D, K, r): the batched GEMMs then read row-major operands, which is faster on
-            # CPU. One slot keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
-            a = state.a.index_select(0, idx)[:, :r]
-            a = a.contiguous() if len(slots) == 1 else a.transpose(1, 2).contiguous().transpose(1, 2)
-            b = state.b.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous().transpose(1, 2)
-            bias = None
-            if state.bias is not None and state.with_bias.intersection(slots):
-                bias = state.bias.index_select(0, idx)  # (D, N)
-            scale = torch.tensor([state.scale[s] for s in slots], dtype=torch.float32, device=self.device)
-            gathered = (slots, state, a, b, bias, scale, None)
-            self._gathered = gathered
-        slots_, state_, a, b, bias, scale, coef = gathered
-        if coef is None or coef[0] is not weight:
-            coef = (weight, (weight * scale.unsqueeze(-1)).unsqueeze(-1))  # (D, M, 1)
-            self._gathered = (slots_, state_, a, b, bias, scale, coef)
-        return a, b, bias, coef[1]
-
-    # -- loads (serialised by the wrapper's lock) -----------------------------------------------
-    def to(self, device: torch.device) -> None:
-        """Follow the base module when the model is moved after adapters were loaded."""
+    def slot_nbytes(self, slot: int) -> int:
+        """The bytes of the factors ``slot`` holds here, in the bank's dtype (0 if none)."""
         st = self.state
-        self.device = device
-        self._publish(replace(st, a=st.a.to(device), b=st.b.to(device),
-                              bias=st.bias.to(device) if st.bias is not None else None,
-                              scale_t=st.scale_t.to(device), rank_t=st.rank_t.to(device)))
+        r = st.rank.get(slot, 0)
+        if not r:
+            return 0
+        numel = r * (self.in_features + self.out_features) + (self.out_features if slot in st.with_bias else 0)
+        return numel * self.dtype.itemsize
+
+    # -- writes (under the lock) ------------------------------------------------------------------
+    def follow(self, device: torch.device) -> None:
+        """Move the bank to ``device``, where its module now runs (a model moved after adapters
+        were loaded)."""
+        with self.lock:
+            if self.device == device:
+                return
+            self.device = device
+            st = self.state
+            moved = Factors(*(t.to(device) if t is not None else None for t in st.factors))
+            self._publish(BankState(moved, st.scale, st.rank, st.with_bias))
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
         """Storage holding ``lora`` in ``slot``; the current state is not modified."""
-        st = self.state
-        have_slots, have_rank = st.a.shape[0], st.a.shape[1]
+        a, b, bias, scale_t, rank_t = f = self.state.factors
+        have_slots, have_rank = a.shape[0], a.shape[1]
         slots = have_slots if slot < have_slots else max(slot + 1, 2 * have_slots if self.grow else 0)
         rank = max(have_rank, lora.rank)
-        a, b, bias, scale_t, rank_t = st.a, st.b, st.bias, st.scale_t, st.rank_t
         if (slots, rank) != (have_slots, have_rank):
             a = self._zeros(slots, rank, self.in_features)
-            a[:have_slots, :have_rank] = st.a
+            a[:have_slots, :have_rank] = f.a
             b = self._zeros(slots, self.out_features, rank)
-            b[:have_slots, :, :have_rank] = st.b
-        if slots != have_slots and self.kernel_tables:
+            b[:have_slots, :, :have_rank] = f.b
+        if slots != have_slots:
             scale_t = self._zeros(slots, dtype=torch.float32)
-            scale_t[:have_slots] = st.scale_t
+            scale_t[:have_slots] = f.scale
             rank_t = self._zeros(slots, dtype=torch.int32)
-            rank_t[:have_slots] = st.rank_t
+            rank_t[:have_slots] = f.rank
         if (bias is not None and bias.shape[0] < slots) or (bias is None and lora.bias is not None):
             new_bias = self._zeros(slots, self.out_features)
             if bias is not None:
                 new_bias[: bias.shape[0]] = bias
             bias = new_bias
-        return _Staged(slot, lora, a, b, bias, scale_t, rank_t)
+        return _Staged(slot, lora, Factors(a, b, bias, scale_t, rank_t))
 
     def commit(self, staged: _Staged) -> None:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
@@ -201,26 +155,24 @@ class AdapterBank:
         """Everything of a commit but the copies, which are appended to ``dst``/``src`` so that a
         load makes one ``_foreach_copy_`` for all its modules. The slot is free: no forward reads
         what this writes, and the current state is unchanged."""
-        s, lora = staged.slot, staged.lora
-        a, b, bias = staged.a, staged.b, staged.bias
+        s, lora, f = staged.slot, staged.lora, staged.factors
         r = lora.rank
-        a_s, b_s = self._rows(a)[s], self._rows(b)[s]  # (R, K), (N, R)
-        if r == a.shape[1]:
+        a_s, b_s = self._rows(f.a)[s], self._rows(f.b)[s]  # (R, K), (N, R)
+        if r == f.a.shape[1]:
             dst += (a_s, b_s)
         else:  # the padding past the rank must read as exact zeros
             dst += (a_s[:r], b_s[:, :r])
             a_s[r:].zero_()
             b_s[:, r:].zero_()
         src += (lora.a, lora.b)
-        if bias is not None:
+        if f.bias is not None:
             if lora.bias is not None:
-                dst.append(bias[s])
+                dst.append(f.bias[s])
                 src.append(lora.bias)
             else:
-                bias[s].zero_()
-        if self.kernel_tables:
-            _set(staged.scale_t, s, lora.scale)
-            _set(staged.rank_t, s, r)
+                f.bias[s].zero_()
+        _set(f.scale, s, lora.scale)
+        _set(f.rank, s, r)
 
     def _rows(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The per-slot views of a storage tensor, made once per storage (a load writes one slot of
@@ -237,8 +189,7 @@ class AdapterBank:
         s, lora = staged.slot, staged.lora
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
-        self._publish(BankState(staged.a, staged.b, staged.bias, staged.scale_t, staged.rank_t,
-                                {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias))
+        self._publish(BankState(staged.factors, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias))
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -246,7 +197,6 @@ class AdapterBank:
             return
         scale, rank = dict(st.scale), dict(st.rank)
         del scale[slot], rank[slot]
-        if self.kernel_tables:  # no running forward routes to a slot being freed
-            _set(st.scale_t, slot, 0.0)
-            _set(st.rank_t, slot, 0)
-        self._publish(BankState(st.a, st.b, st.bias, st.scale_t, st.rank_t, scale, rank, st.with_bias - {slot}))
+        _set(st.factors.scale, slot, 0.0)  # no running forward routes to a slot being freed
+        _set(st.factors.rank, slot, 0)
+        self._publish(BankState(st.factors, scale, rank, st.with_bias - {slot}))

@@ -2,17 +2,24 @@
 
 A module is patchable when it is an ``nn.Linear`` (which bitsandbytes' Linear4bit and Linear8bitLt
 are), a transformers ``Conv1D`` (GPT-2), or an ``nn.Embedding``. Which of them get wrapped is
-decided by the adapters' configs; this module only knows how to describe, replace and restore them.
-This is the one place in the library that knows about transformers.
+decided by the adapters' configs. ``PatchedModules`` keeps a bank beside every module some resident
+adapter targets: placing an adapter in a slot writes its factors into the banks in one commit and
+wraps the modules that had none; freeing a slot clears it everywhere, and a module that no slot
+uses any more gets its original back. This is the one place in the library that knows about
+transformers.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
 
 from .adapters import ModuleShape
+from .bank import AdapterBank
 from .layers import LoraEmbedding, LoraLinear, _LoraModule
+from .store import HostAdapter, to_device
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -58,9 +65,9 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def make_wrapper(base: nn.Module, bank, router, backend: str) -> _LoraModule:
+def make_wrapper(base: nn.Module, bank, router) -> _LoraModule:
     cls = LoraEmbedding if isinstance(base, nn.Embedding) else LoraLinear
-    return cls(base, bank, router, backend)
+    return cls(base, bank, router)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -89,3 +96,83 @@ def batch_shape_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
         if torch.is_tensor(value) and value.dim() >= 2:
             return value.shape[0], value.shape[1] if not value.is_floating_point() or value.dim() == 3 else None
     return None, None
+
+
+class PatchedModules:
+    """The banks of a model's patched modules, by module name, and the swapping of modules."""
+
+    def __init__(self, model: nn.Module, router, dtype: torch.dtype, slots: int | None, rank: int | None,
+                 lock: threading.RLock) -> None:
+        self.model = model
+        self.router = router
+        self.dtype = dtype
+        self.slots = slots  # preallocated slots per bank (max_loaded), or None: grow as needed
+        self.rank = rank or 0
+        self.lock = lock
+        # the patchable modules (by their original objects) and shapes, found once: walking a large
+        # model's module tree on every load would cost more than reading a small adapter
+        self.originals = patchable_modules(model)
+        self.shapes = {n: shape_of(m) for n, m in self.originals.items()}
+        self.banks: dict[str, AdapterBank] = {}
+
+    def place(self, host: HostAdapter, slot: int, stream=None) -> None:
+        """Write an adapter's factors into ``slot`` of every module it targets, creating banks and
+        wrapping modules as needed. Everything that can fail happens before the first write."""
+        staged, new_banks, on_device = {}, {}, {}
+        for name, lora in host.weights.modules.items():
+            bank = self.banks.get(name)
+            if bank is None:
+                shape = self.shapes[name]
+                bank = new_banks[name] = AdapterBank(
+                    shape.in_features, shape.out_features, module_device(self.originals[name]), self.dtype,
+                    slots=self.slots or slot + 1, rank=self.rank, lock=self.lock,
+                )
+            if bank.device not in on_device:  # one transfer per device, not one per tensor
+                on_device[bank.device] = to_device(host, bank.device, stream).modules
+            staged[name] = bank.stage(slot, on_device[bank.device][name])
+        wrappers = {n: make_wrapper(self.originals[n], b, self.router) for n, b in new_banks.items()}
+        # commit: nothing below can fail on valid input
+        banks = {n: new_banks.get(n) or self.banks[n] for n in staged}
+        dst, src = [], []
+        for name, st in staged.items():
+            banks[name].prepare(st, dst, src)
+        torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        for name, st in staged.items():
+            banks[name].publish(st)
+        for name, wrapper in wrappers.items():
+            self.banks[name] = new_banks[name]
+            set_module(self.model, name, wrapper)
+        self.router.invalidate(self.bank_sizes())
+
+    def free(self, slot: int, restore: bool) -> None:
+        """Clear ``slot`` in every bank; with ``restore``, modules left empty get their originals
+        back. Eviction alone keeps the wrappers, so paging never changes the module tree a compiled
+        graph was traced with."""
+        for bank in self.banks.values():
+            bank.remove(slot)
+        if restore:
+            self.restore_empty()
+        self.router.invalidate(self.bank_sizes())
+
+    def restore_empty(self) -> None:
+        for name in [n for n, bank in self.banks.items() if not bank.present]:
+            set_module(self.model, name, self.originals[name])
+            del self.banks[name]
+        self.router.invalidate(self.bank_sizes())
+
+    def slot_nbytes(self, slot: int) -> int:
+        return sum(bank.slot_nbytes(slot) for bank in self.banks.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(bank.nbytes for bank in self.banks.values())
+
+    def bank_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({bank.factors.num_slots for bank in self.banks.values()}))
+
+    def unpatch(self) -> None:
+        """Every original module back; the banks are dropped."""
+        for name in self.banks:
+            set_module(self.model, name, self.originals[name])
+        self.banks.clear()
+        self.router.invalidate(())

@@ -1,20 +1,27 @@
-"""Routing: from a request's adapter SPEC to a token-level plan the layers read.
+"""Routing: from a request's adapter SPEC to one token-level plan per forward.
 
-A SPEC says which adapters each batch row uses: ``None`` (base only), a name, a mapping
-``{name: weight}``, or a list of those with one entry per row. PEFT's ``adapter_names`` list, where
-``"__base__"`` means no adapter, is the same thing spelled differently.
+A SPEC says which adapters each part of a batch uses: ``None`` (base only), a name, a weighted set
+``{name: weight}``, a list of those with one entry per batch row, or ``Packed(lengths, adapters)``
+with one entry per run of consecutive tokens (a continuous-batching step packs many sequences into
+one row). PEFT's ``adapter_names`` list, where ``"__base__"`` means no adapter, is a SPEC list
+spelled differently.
 
-The plan is built once per model forward, from the batch size of the top-level input, and handed
-to the patched layers through a ``ContextVar`` rather than through keyword arguments threaded
-through model code. It is token-level: a layer that sees ``T`` flattened tokens for ``B`` rows maps
-token ``t`` to row ``t // (T // B)``. That holds for ``(B, L, K)`` activations, for models that
-flatten them to ``(B*L, K)`` (OPT), and for ``lm_head`` called on the last position only. A batch that
-``generate`` expanded (``num_return_sequences``, ``num_beams``) repeats each row's SPEC in place,
-the way ``generate`` repeats the rows themselves.
+    SPEC ──resolve_spec──> Spec (weighted sets by name) ──slotted──> Spec (by slot, when a request starts)
+    Spec + the forward's input shape ──> RoutingPlan: one weighted set per segment of tokens
+    RoutingPlan ──backend.prepare──> layout (the backend's lane layout, built once, shared by every layer)
 
-Lanes are laid out as a ``(D, M)`` grid: one row per distinct slot, padded to the longest. The grid
-depends on the token count and on which slots a module holds, so it is built lazily and cached on
-the plan; every layer of one forward shares it.
+The plan is token-level. A row SPEC makes one segment per batch row; a layer that sees ``T``
+flattened tokens gives each row ``T / B`` of them, which holds for ``(B, L, K)`` activations, for
+models that flatten them (OPT) and for ``lm_head`` on the last position. A batch that ``generate``
+expanded (``num_return_sequences``, beams) repeats each row's SPEC in place, as ``generate`` repeats
+the rows. A ``Packed`` SPEC makes one segment per run; a layer sees either all its tokens or one
+token per run (``lm_head`` on each sequence's last token).
+
+Per-forward state travels one way: one ``ContextVar`` per wrapper holds a ``Scope``, the request in
+force (set by ``use()``) and, inside a forward, that forward's layout; scopes nest through
+``outer``. Compiled graphs cannot read a ContextVar, so for the traced path the top-level hook also
+publishes what traced layers read on a ``threading.local``, which dynamo reads as a graph input,
+per thread: compiled forwards may run in several threads at once.
 """
 
 from __future__ import annotations
@@ -22,25 +29,58 @@ from __future__ import annotations
 import contextvars
 import math
 import numbers
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
+from .kernels.lanes import Lanes, build_lanes
+
 BASE_NAME = "__base__"
 
-# One row's adapters: ((name, weight), ...) sorted by name; () is the base model.
-RowLanes = tuple[tuple[str, float], ...]
+# One row's (or one packed sequence's) adapters: ((name, weight), ...) sorted by name; () is the base.
+WeightedSet = tuple[tuple[str, float], ...]
+# The same resolved to slots, in adapter-name order.
+SlotSet = tuple[tuple[int, float], ...]
 
 
-def _row_from_item(item, slots, where: str) -> RowLanes:
+@dataclass(frozen=True, init=False)
+class Packed:
+    """A SPEC for a packed batch: the forward's tokens, flattened, are consecutive runs of
+    ``lengths``, and run ``i`` uses ``adapters[i]`` (None, a name or a ``{name: weight}`` set).
+
+        lm(input_ids=ids_1xT, adapters=Packed(lengths=[5, 3, 7], adapters=["a", None, {"a": 0.5, "b": 1}]))
+    """
+
+    lengths: tuple[int, ...]
+    adapters: tuple
+
+    def __init__(self, lengths: Sequence[int], adapters: Sequence) -> None:
+        if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+            raise TypeError(f"Packed lengths must be a list of token counts, got {type(lengths).__name__}")
+        if isinstance(adapters, (str, bytes, Mapping)) or not isinstance(adapters, Sequence):
+            raise TypeError("Packed adapters must be a list with one SPEC per run of tokens")
+        for i, n in enumerate(lengths):
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+                raise ValueError(f"Packed lengths[{i}] must be a positive int, got {n!r}")
+        if len(lengths) != len(adapters):
+            raise ValueError(f"Packed has {len(lengths)} lengths but {len(adapters)} adapter entries; give one per run")
+        if not lengths:
+            raise ValueError("Packed needs at least one run of tokens")
+        object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
+        object.__setattr__(self, "adapters", tuple(adapters))
+
+
+def _weighted_set(item, known, where: str) -> WeightedSet:
     if item is None or (isinstance(item, str) and item == BASE_NAME):
         return ()
     if isinstance(item, str):
-        _check_name(item, slots, where)
+        _check_name(item, known, where)
         return ((item, 1.0),)
     if isinstance(item, Mapping):
-        lanes: dict[str, float] = {}
+        weights: dict[str, float] = {}
         for name, weight in item.items():
             if not isinstance(name, str):
                 raise TypeError(f"adapter names must be strings, got {name!r} in {where}")
@@ -53,10 +93,10 @@ def _row_from_item(item, slots, where: str) -> RowLanes:
             weight = float(weight)
             if not math.isfinite(weight):
                 raise ValueError(f"weight of adapter {name!r} must be finite, got {weight}")
-            _check_name(name, slots, where)
+            _check_name(name, known, where)
             if weight != 0.0:
-                lanes[name] = weight
-        return tuple(sorted(lanes.items()))
+                weights[name] = weight
+        return tuple(sorted(weights.items()))
     raise TypeError(
         f"{where}: expected None, an adapter name or a {{name: weight}} mapping, got {type(item).__name__}"
     )
@@ -64,54 +104,49 @@ def _row_from_item(item, slots, where: str) -> RowLanes:
 
 def _check_name(name: str, known, where: str) -> None:
     if name not in known:
-        listed = ", ".join(sorted(known)) or "none loaded"
-        raise ValueError(f"unknown adapter {name!r} in {where} (loaded: {listed})")
+        listed = ", ".join(sorted(known)) or "none"
+        raise ValueError(f"unknown adapter {name!r} in {where} (registered: {listed})")
 
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated SPEC: one row broadcast to the whole batch, or one row per batch row."""
+    """A validated SPEC: weighted sets for the rows (``broadcast``: one set for every row) or, with
+    ``lengths``, for the runs of a packed batch. ``slotted`` turns names into slots."""
 
-    rows: tuple[RowLanes, ...]
-    per_row: bool
+    sets: tuple[WeightedSet, ...]
+    broadcast: bool = False
+    lengths: tuple[int, ...] | None = None
     order: tuple = ()  # slotted: the slots in adapter-name order, so sums never depend on slot numbers
-
-    def expand(self, batch_size: int) -> tuple[RowLanes, ...]:
-        """Per-row lanes for a forward of ``batch_size`` rows (broadcast, or repeat for generate)."""
-        if not self.per_row:
-            return self.rows * batch_size
-        n = len(self.rows)
-        if batch_size == n:
-            return self.rows
-        if batch_size % n == 0:
-            # generate() expands rows in place (repeat_interleave) for num_return_sequences and beams.
-            k = batch_size // n
-            return tuple(r for r in self.rows for _ in range(k))
-        raise ValueError(
-            f"the adapter SPEC list has {n} entries but the batch has {batch_size} rows; "
-            "give one entry per row, or a single SPEC for all rows"
-        )
-
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(name for row in self.rows for name, _ in row)
+        return frozenset(name for lanes in self.sets for name, _ in lanes)
 
     def slotted(self, slots: Mapping[str, int]) -> Spec:
         """The same SPEC with names replaced by slots. Lanes stay in adapter-name order, and the
-        plan groups slots in that order, so a weighted set sums the same way whichever slots its
+        layouts group slots in that order, so a weighted set sums the same way whichever slots its
         adapters were paged into."""
         order = tuple(slots[n] for n in sorted(self.names))
-        return Spec(tuple(tuple((slots[n], w) for n, w in row) for row in self.rows), self.per_row, order)
+        sets = tuple(tuple((slots[n], w) for n, w in lanes) for lanes in self.sets)
+        return Spec(sets, self.broadcast, self.lengths, order)
+
+    def plan(self, rows: int, num_tokens: int | None) -> RoutingPlan | None:
+        """This request's plan for a forward of ``rows`` batch rows and ``num_tokens`` tokens."""
+        if self.lengths is not None:
+            return RoutingPlan.from_segments(self.lengths, self.sets, self.order, num_tokens)
+        return RoutingPlan.from_rows(self, rows)
 
 
 def resolve_spec(spec, known) -> Spec:
-    """Validate a SPEC against the loaded adapter names and normalise it."""
+    """Validate a SPEC against the registered adapter names and normalise it."""
+    if isinstance(spec, Packed):
+        sets = tuple(_weighted_set(item, known, f"Packed run {i}") for i, item in enumerate(spec.adapters))
+        return Spec(sets, lengths=spec.lengths)
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         if len(spec) == 0:
             raise ValueError("an adapter SPEC list must have one entry per batch row, got an empty list")
-        return Spec(tuple(_row_from_item(item, known, f"SPEC row {i}") for i, item in enumerate(spec)), True)
-    return Spec((_row_from_item(spec, known, "SPEC"),), False)
+        return Spec(tuple(_weighted_set(item, known, f"SPEC row {i}") for i, item in enumerate(spec)))
+    return Spec((_weighted_set(spec, known, "SPEC"),), broadcast=True)
 
 
 def spec_from_adapter_names(adapter_names) -> list:
@@ -121,216 +156,214 @@ def spec_from_adapter_names(adapter_names) -> list:
     return [None if n == BASE_NAME else n for n in adapter_names]
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The lanes of one forward for one set of slots, grouped by slot and padded to ``(D, M)``."""
-
-    slots: tuple[int, ...]  # (D,) distinct slots, ascending
-    token: torch.Tensor  # (D*M,) int64
-    weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
-    identity: bool  # token == arange(T): one slot, one lane per token, in order
-    uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
-    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per row, each with one lane
-    # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
-    # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
-    strides: tuple[int, int, int] | None = None
-
-
-@dataclass
+@dataclass(frozen=True, eq=False)
 class RoutingPlan:
-    """Per-row lanes of one forward, ``((slot, weight), ...)`` per row, expanded to tokens on demand."""
+    """One forward's routing: a weighted set of slots per segment of consecutive tokens.
 
-    rows: tuple[tuple[tuple[int, float], ...], ...]
-    order: tuple[int, ...] = ()  # slots in the order lanes are grouped (default: ascending)
-    _grids: dict = field(default_factory=dict, repr=False)
+    ``lengths`` is the token count of each segment in the forward's input (a packed batch), or None
+    for batch rows, which share a layer's tokens equally whatever that layer's token count is.
+    ``order`` lists the slots in the order lanes are grouped (adapter-name order).
+    """
 
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows)
+    sets: tuple[SlotSet, ...]
+    lengths: tuple[int, ...] | None = None
+    order: tuple[int, ...] = ()
 
-    @property
-    def max_lanes(self) -> int:
-        """The most adapters any row uses (the size of the largest weighted set)."""
-        return max(len(row) for row in self.rows)
-
-    def cached(self, key, build):
-        """Anything derived from the plan once per forward and shared by the layers (lane layouts)."""
-        try:
-            return self._grids[key]
-        except KeyError:
-            value = self._grids[key] = build()
-            return value
-
-    def shared_lanes(self, per_row: int, num_slots: int, device: torch.device):
-        """The Triton kernels' lanes of every row's adapters, for ``per_row`` tokens per row and slots
-        ``[0, num_slots)``; cached. Not filtered by what a module holds (a slot a module does not hold
-        has rank 0 there and adds nothing), so every layer of a forward with that token count shares
-        them. Rows get a power of two of passes, so mixtures of other sizes mostly keep the shapes."""
-        key = ("shared", per_row, num_slots, device)
-        try:
-            return self._grids[key]
-        except KeyError:
-            pass
-        from .kernels.lanes import build_lanes
-
-        batch = len(self.rows)
-        passes = 1 << max(self.max_lanes - 1, 0).bit_length()
-        slot = torch.full((batch, passes), -1, dtype=torch.int64)
-        weight = torch.zeros(batch, passes, dtype=torch.float32)
-        for row, lanes in enumerate(self.rows):
-            for p, (s, w) in enumerate(lanes):
-                slot[row, p], weight[row, p] = s, w
-        shape = (batch, passes, per_row)
-        token = torch.arange(batch * per_row).view(batch, 1, per_row).expand(shape)  # (B, P, L)
-        lane_slot = slot.unsqueeze(-1).expand(shape).reshape(-1)
-        lane_weight = weight.unsqueeze(-1).expand(shape).reshape(-1)
-        lanes = build_lanes(_upload(token.reshape(-1), device), _upload(lane_slot, device), _upload(lane_weight, device),
-                            num_slots, passes=passes, num_tokens=batch * per_row)
-        self._grids[key] = lanes
-        return lanes
-
-    def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
-        """The grid for a layer that sees ``num_tokens`` tokens and holds the slots ``present``.
-
-        Returns None when no token of this forward uses any slot the layer holds.
-        """
-        key = (num_tokens, present, device)
-        try:
-            return self._grids[key]
-        except KeyError:
-            pass
-        grid = self._build(num_tokens, present, device)
-        self._grids[key] = grid
-        return grid
-
-    def _build(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
-        batch = len(self.rows)
-        if num_tokens % batch:
+    @classmethod
+    def from_rows(cls, spec: Spec, rows: int) -> RoutingPlan | None:
+        """One segment per batch row (broadcast, or repeated in place for ``generate``'s
+        expansion); None when no row uses an adapter."""
+        if spec.broadcast:
+            sets = spec.sets * rows
+        elif rows == len(spec.sets):
+            sets = spec.sets
+        elif rows % len(spec.sets) == 0:
+            # generate() expands rows in place (repeat_interleave) for num_return_sequences and beams.
+            k = rows // len(spec.sets)
+            sets = tuple(s for s in spec.sets for _ in range(k))
+        else:
             raise ValueError(
-                f"cannot route: a patched layer saw {num_tokens} tokens for a batch of {batch} rows; "
-                "each row must contribute the same number of tokens"
+                f"the adapter SPEC list has {len(spec.sets)} entries but the batch has {rows} rows; "
+                "give one entry per row, or a single SPEC for all rows"
             )
-        per_row = num_tokens // batch
-        by_slot: dict[int, tuple[list[int], list[float]]] = {}
-        for row, lanes in enumerate(self.rows):
-            for slot, weight in lanes:
-                if slot in present:
-                    rows_w = by_slot.setdefault(slot, ([], []))
-                    rows_w[0].append(row)
-                    rows_w[1].append(weight)
-        if not by_slot:
-            return None
-        slots = tuple(s for s in self.order if s in by_slot) if self.order else tuple(sorted(by_slot))
-        width = max(len(by_slot[s][0]) for s in slots)
-        row_idx = torch.zeros(len(slots), width, dtype=torch.int64)  # (D, W) rows, padded
-        row_w = torch.zeros(len(slots), width, dtype=torch.float32)  # (D, W)
-        for d, s in enumerate(slots):
-            rows, weights = by_slot[s]
-            row_idx[d, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
-            row_w[d, : len(rows)] = torch.tensor(weights, dtype=torch.float32)
-        offs = torch.arange(per_row, dtype=torch.int64)
-        token = (row_idx.unsqueeze(-1) * per_row + offs).reshape(-1)  # (D*W*L,)
-        weight = row_w.unsqueeze(-1).expand(-1, -1, per_row).reshape(len(slots), width * per_row)  # (D, M)
-        identity = len(slots) == 1 and width == batch and by_slot[slots[0]][0] == list(range(batch))
-        uniform = None
-        weights = {w for s in slots for w in by_slot[s][1]}
-        if len(weights) == 1 and all(len(by_slot[s][0]) == width for s in slots):
-            uniform = weights.pop()
-        inverse = strides = None
-        # one token per row (a decode step) whose lanes are a permutation of the tokens: a gather
-        # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
-        # as it reads the branch output once instead of twice
-        if not identity and per_row == 1 and token.numel() == num_tokens:
-            ordered, lane = torch.sort(token)
-            if torch.equal(ordered, torch.arange(num_tokens)):
-                inverse = _upload(lane, device)
-                strides = _strides(token.view(len(slots), width))
-        return Grid(slots, _upload(token, device), _upload(weight.contiguous(), device), identity, uniform, inverse,
-                    strides)
+        return cls(sets, None, spec.order) if any(sets) else None
+
+    @classmethod
+    def from_segments(cls, lengths: Sequence[int], sets: Sequence[SlotSet], order: tuple[int, ...] = (),
+                      num_tokens: int | None = None) -> RoutingPlan | None:
+        """One segment per run of ``lengths`` tokens; ``num_tokens``, the forward's token count,
+        must be their sum. None when no run uses an adapter."""
+        lengths = tuple(lengths)
+        if num_tokens is not None and sum(lengths) != num_tokens:
+            raise ValueError(
+                f"Packed lengths add up to {sum(lengths)} tokens but the forward's input has {num_tokens}; "
+                "the lengths must cover the flattened input exactly"
+            )
+        sets = tuple(sets)
+        return cls(sets, lengths, order) if any(sets) else None
+
+    @cached_property
+    def max_lanes(self) -> int:
+        """The most adapters any segment uses (the size of the largest weighted set)."""
+        return max(len(lanes) for lanes in self.sets)
+
+    def segment_lengths(self, num_tokens: int) -> tuple[int, ...]:
+        """How many of a layer's ``num_tokens`` tokens each segment holds."""
+        segments = len(self.sets)
+        if self.lengths is None:
+            if num_tokens % segments:
+                raise ValueError(
+                    f"cannot route: a patched layer saw {num_tokens} tokens for a batch of {segments} rows; "
+                    "each row must contribute the same number of tokens"
+                )
+            return (num_tokens // segments,) * segments
+        if num_tokens == sum(self.lengths):
+            return self.lengths
+        if num_tokens == segments:  # one token per sequence (lm_head on each one's last position)
+            return (1,) * segments
+        raise ValueError(
+            f"cannot route: a patched layer saw {num_tokens} tokens, but the packed batch has "
+            f"{sum(self.lengths)} tokens in {segments} runs"
+        )
+
+    def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
+        """Every (token, slot, weight) of the plan for a layer of ``num_tokens`` tokens, in the
+        kernels' layout for a bank of ``num_slots`` slots (kernels/lanes.py): each token takes its
+        segment's weighted set, padded with slot -1 to a power of two of passes, so mixtures of
+        other sizes mostly keep the layout's shapes."""
+        lengths = self.segment_lengths(num_tokens)
+        passes = 1 << max(self.max_lanes - 1, 0).bit_length()
+        segments = len(self.sets)
+        slot = torch.full((segments, passes), -1, dtype=torch.int64)  # (G, P)
+        weight = torch.zeros(segments, passes, dtype=torch.float32)  # (G, P)
+        for seg, lanes in enumerate(self.sets):
+            for p, (s, w) in enumerate(lanes):
+                slot[seg, p], weight[seg, p] = s, w
+        of = torch.repeat_interleave(torch.arange(segments), torch.tensor(lengths))  # (T,) each token's segment
+        token = torch.arange(num_tokens).unsqueeze(1).expand(num_tokens, passes)  # (T, P)
+        return build_lanes(upload(token.reshape(-1), device), upload(slot[of].reshape(-1), device),
+                           upload(weight[of].reshape(-1), device), num_slots, passes=passes, num_tokens=num_tokens)
 
 
-def _strides(token: torch.Tensor) -> tuple[int, int, int] | None:
-    """``(offset, step_d, step_m)`` when ``token[d, m] == offset + d*step_d + m*step_m`` with
-    non-negative steps (a strided view of the tokens), else None."""
-    num_slots, width = token.shape
-    offset = int(token[0, 0])
-    step_d = int(token[1, 0]) - offset if num_slots > 1 else 0
-    step_m = int(token[0, 1]) - offset if width > 1 else 0
-    if step_d < 0 or step_m < 0:
-        return None
-    affine = offset + torch.arange(num_slots).view(-1, 1) * step_d + torch.arange(width) * step_m
-    return (offset, step_d, step_m) if torch.equal(affine, token) else None
-
-
-def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host-built routing tensor on ``device``. To CUDA it goes through pinned memory without
-    blocking, so building a plan never waits for the GPU."""
+    blocking, so building a layout never waits for the GPU."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
-_MISSING = object()
+@dataclass(frozen=True)
+class Scope:
+    """What the ContextVar holds: the request in force and, inside a top-level forward, its layout
+    (None: nothing to add) and what the traced path read before it."""
+
+    request: Spec | None
+    outer: Scope | None
+    in_forward: bool = False
+    layout: object = None
+    traced_outer: object = None
+
+
+class _Traced(threading.local):
+    """Per thread: what traced layers read (the backend's ``traced_inputs``), and the buffers it
+    keeps at fixed addresses."""
+
+    inputs = None
+    buffers = None
 
 
 class Router:
-    """Per-wrapper routing state: the active SPEC (set by ``use``, already resolved to slots) and
-    the plan of the running forward. Context variables keep both per thread."""
+    """Per-wrapper routing: the one ContextVar, the layouts of recent requests, and the traced
+    path's per-thread inputs. ``backend`` prepares layouts; ``device`` is the model's."""
 
-    def __init__(self) -> None:
-        self._spec: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_spec_{id(self)}", default=None)
-        self._plan: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_plan_{id(self)}", default=None)
-        self._cache: dict = {}
-        # The kernels' lanes of the running top-level forward, for the traced path of a compiled
-        # model: ``(num_slots, ((num_tokens, lanes), ...))``, ``()`` for a forward without adapters,
-        # None outside one. A plain attribute (a compiled graph cannot read a ContextVar), so
-        # compiled forwards of one wrapper must not run in several threads at once.
-        self.static = None
+    def __init__(self, backend, device: torch.device) -> None:
+        self.backend = backend
+        self.device = device
+        self._scope: contextvars.ContextVar = contextvars.ContextVar(f"lora_graph_{id(self)}", default=None)
+        self._layouts: dict = {}  # (request, rows, tokens) -> layout | None; dropped when a bank changes
+        self.traced = _Traced()
+        self.bank_sizes: tuple[int, ...] = ()  # distinct slot counts of the banks, for traced inputs
 
     def __deepcopy__(self, memo):
         raise TypeError(
             "a model wrapped by lora_graph cannot be deep-copied; copy it before wrap() or after unwrap()"
         )
 
-    def set_spec(self, rows: Spec):
-        return self._spec.set(rows)
+    # -- requests (use) ---------------------------------------------------------------------------
+    def enter(self, request: Spec | None) -> Scope:
+        scope = Scope(request, self._scope.get())
+        self._scope.set(scope)
+        return scope
 
-    def reset_spec(self, token) -> None:
-        self._spec.reset(token)
+    def leave(self, scope: Scope) -> None:
+        self._scope.set(scope.outer)
 
-    def running_plan(self) -> RoutingPlan | None:
-        return self._plan.get()
+    def request(self) -> Spec | None:
+        scope = self._scope.get()
+        return None if scope is None else scope.request
 
-    def begin_forward(self, batch_size: int | None):
-        """Called by the top-level forward pre-hook; returns a token for :meth:`end_forward`."""
-        rows = self._spec.get()
-        plan = None
-        if rows is not None and batch_size is not None:
-            plan = self.plan_for(rows, batch_size)
-        return self._plan.set(plan)
+    # -- forwards (the top-level hooks) -----------------------------------------------------------
+    def begin_forward(self, rows: int | None, positions: int | None) -> None:
+        """Push the forward's scope first (the post-hook pops it even if building the layout fails),
+        then build or look up its layout and publish the traced path's inputs."""
+        outer = self._scope.get()
+        traced_outer = self.traced.inputs
+        request = None if outer is None else outer.request
+        known = rows is not None and (positions is not None or request is None or request.lengths is None)
+        self._scope.set(Scope(request, outer, in_forward=known, traced_outer=traced_outer))
+        if not known:  # no shape to plan from: layers fall back to their own leading dimension
+            self.traced.inputs = None
+            return
+        num_tokens = rows * positions if positions is not None else None
+        layout = None if request is None else self.layout(request, rows, num_tokens)
+        self._scope.set(Scope(request, outer, True, layout, traced_outer))
+        token_counts = (num_tokens, rows) if positions is not None else (rows,)
+        buffers = None
+        if traced_outer is None:  # a nested forward must not overwrite its outer one's buffers
+            buffers = self.traced.buffers
+            if buffers is None:
+                buffers = self.traced.buffers = {}
+        self.traced.inputs = self.backend.traced_inputs(layout, token_counts, self.bank_sizes, self.device, buffers)
 
-    def end_forward(self, token) -> None:
-        self._plan.reset(token)
+    def end_forward(self) -> None:
+        scope = self._scope.get()
+        if scope is None:
+            return
+        self.traced.inputs = scope.traced_outer
+        self._scope.set(scope.outer)
 
-    def plan_for(self, rows: Spec, batch_size: int) -> RoutingPlan | None:
-        """The plan of a slotted SPEC for a batch of ``batch_size`` rows (cached)."""
-        key = (rows, batch_size)
-        plan = self._cache.get(key, _MISSING)
-        if plan is _MISSING:
-            expanded = rows.expand(batch_size)
-            plan = RoutingPlan(expanded, rows.order) if any(expanded) else None
-            if len(self._cache) > 64:
-                self._cache.clear()
-            self._cache[key] = plan
-        return plan
+    def layout(self, request: Spec, rows: int, num_tokens: int | None):
+        """The backend's layout of ``request`` for a forward of that shape, shared by forwards of
+        the same request and shape (decode steps) until a bank changes; None: no adapter."""
+        key = (request, rows, num_tokens if request.lengths is not None else None)
+        try:
+            return self._layouts[key]
+        except KeyError:
+            pass
+        plan = request.plan(rows, num_tokens)
+        layout = None if plan is None else self.backend.prepare(plan)
+        if len(self._layouts) >= 64:
+            self._layouts.clear()
+        self._layouts[key] = layout
+        return layout
 
-    def current(self, leading_dim: int | None = None) -> RoutingPlan | None:
-        """The plan of the running forward, or one built from a layer's batch dimension when a
-        submodule is called directly inside ``use()``."""
-        plan = self._plan.get()
-        if plan is not None:
-            return plan
-        rows = self._spec.get()
-        if rows is None or leading_dim is None:
+    def current(self, x: torch.Tensor, ids: bool = False):
+        """The layout a patched layer uses: its forward's, or, for a submodule called directly
+        inside ``use()``, one planned from the layer's input when it is ``(B, L, K)`` activations
+        (``(B, L)`` token ids with ``ids``)."""
+        scope = self._scope.get()
+        if scope is None:
             return None
-        return self.plan_for(rows, leading_dim)
+        if scope.in_forward or scope.request is None:
+            return scope.layout
+        if x.dim() != (2 if ids else 3):
+            return None
+        num_tokens = x.numel() if ids else x.numel() // max(x.shape[-1], 1)
+        return self.layout(scope.request, x.shape[0], num_tokens)
+
+    def invalidate(self, bank_sizes: tuple[int, ...]) -> None:
+        """A bank changed (load, unload, growth, a move): forget the layouts, and what they
+        gathered from the old banks, now."""
+        self._layouts.clear()
+        self.bank_sizes = bank_sizes

@@ -18,7 +18,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import AdapterWeights, ModuleLora
+from .adapters import AdapterWeights
+from .config import LoraSettings
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A registered adapter. ``targets`` and ``nbytes`` are known once its weights were read."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    targets: tuple[str, ...] | None = None
+    nbytes: int | None = None
+
+    @classmethod
+    def of(cls, name: str, path, settings: LoraSettings, weights: AdapterWeights | None = None,
+           dtype: torch.dtype | None = None) -> AdapterInfo:
+        targets = nbytes = None
+        if weights is not None:
+            targets = tuple(sorted(weights.modules))
+            nbytes = weights.numel * dtype.itemsize  # the bytes its slots hold, in the banks' dtype
+        return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes)
+
 
 @dataclass(frozen=True)
 class HostAdapter:
@@ -34,10 +58,7 @@ class HostAdapter:
 
 def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdapter:
     """Copy every factor of ``weights`` into one buffer of ``dtype`` (pinned if asked)."""
-    parts = []
-    for lora in weights.modules.values():
-        parts += [lora.a, lora.b] + ([lora.bias] if lora.bias is not None else [])
-    total = sum(t.numel() for t in parts)
+    total = weights.numel
     buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
     offset = 0
 
@@ -48,10 +69,7 @@ def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdap
         offset += t.numel()
         return view
 
-    modules = {
-        name: ModuleLora(take(m.a), take(m.b), take(m.bias) if m.bias is not None else None, m.rank, m.scale)
-        for name, m in weights.modules.items()
-    }
+    modules = {name: m.map(take) for name, m in weights.modules.items()}
     return HostAdapter(AdapterWeights(weights.path, weights.settings, modules), buffer)
 
 
@@ -70,13 +88,11 @@ def to_device(host: HostAdapter, device: torch.device, stream=None) -> AdapterWe
     base = host.buffer.data_ptr()
     size = host.buffer.element_size()
 
-    def view(t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
+    def view(t: torch.Tensor) -> torch.Tensor:
         start = (t.data_ptr() - base) // size
         return flat[start : start + t.numel()].view(t.shape)
 
-    modules = {n: ModuleLora(view(m.a), view(m.b), view(m.bias), m.rank, m.scale) for n, m in host.weights.modules.items()}
+    modules = {n: m.map(view) for n, m in host.weights.modules.items()}
     return AdapterWeights(host.weights.path, host.weights.settings, modules)
 
 

@@ -367,3 +367,21 @@ def assert_original_modules(model, modules: dict[str, torch.nn.Module]) -> None:
     assert after.keys() == modules.keys()
     for name, module in modules.items():
         assert after[name] is module, f"{name} is not the original module object"
+
+
+class LayoutProbe:
+    """Records the routing layout each forward of ``layer`` reads (through the wrapper's router),
+    so a test can look at the grid or the bound branch that forward used."""
+
+    def __init__(self, lm, layer) -> None:
+        self.layer = layer
+        self.seen = []
+        self.handle = layer.register_forward_pre_hook(lambda m, args: self.seen.append(lm.router.current(args[0])))
+
+    @property
+    def last(self):
+        return self.seen[-1]
+
+    def bound(self):
+        """The last forward's ``(state, shape, device, (pre, post) | None)`` entry for the layer."""
+        return self.last._branches.get(self.layer)

@@ -1,8 +1,9 @@
-"""Triton LoRA kernels against the torch reference, in Triton's interpreter on CPU tensors.
+"""Triton LoRA kernels against the reference (kernels/reference.py), in Triton's interpreter on CPU tensors.
 
-Rule for every comparison (flash-attention's): ``max|kernel − ref32| ≤ 2·max|torch_same_dtype − ref32| + atol``,
-where ref32 is kernels/reference.py on fp32 copies of the inputs and torch_same_dtype the same
-reference on the inputs as given. The sweep is a representative cross-product of dtypes, ranks,
+Both take the same operands: the whole bank (``Factors``) and the same lanes. Rule for every
+comparison (flash-attention's): ``max|kernel − ref32| ≤ 2·max|torch_same_dtype − ref32| + atol``,
+where ref32 is the reference on fp32 copies of the inputs and torch_same_dtype the same reference
+on the inputs as given. The sweep is a representative cross-product of dtypes, ranks,
 odd sizes, token counts, adapter popularity, weighted multi-lane tokens, negative weights and
 LoRA bias; the slots past a slot's rank hold NaN on the kernel side, so a kernel that reads them fails.
 """
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from lora_graph.kernels import reference
+from lora_graph.kernels.factors import Factors
 from lora_graph.kernels.lanes import build_lanes
 from lora_graph.kernels.shrink import is_interpreted
 from lora_graph.kernels.triton_ops import lora_delta, lora_embedding_delta, lora_expand, lora_shrink
@@ -130,7 +132,7 @@ def test_build_lanes_reads_no_device_value(monkeypatch):
 
 def make_bank(num_slots, r, k, n, ranks, dtype, bias: bool, gen):
     """A bank as AdapterBank keeps it (zeros past each slot's rank), and the same bank with NaN
-    there for the kernels: they must never read past a slot's rank."""
+    there for the kernels: they must never read past a slot's rank. ``(factors, factors_nan)``."""
     rank = torch.tensor([ranks[s % len(ranks)] for s in range(num_slots)], dtype=torch.int32)
     a = torch.randn(num_slots, r, k, generator=gen) / k**0.5
     b = torch.randn(num_slots, n, r, generator=gen) / r**0.5
@@ -143,32 +145,19 @@ def make_bank(num_slots, r, k, n, ranks, dtype, bias: bool, gen):
     bias_t = torch.randn(num_slots, n, generator=gen) if bias else None
     scale = torch.rand(num_slots, generator=gen) * 2 + 0.25
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return cast(a), cast(b), cast(bias_t), scale, rank, cast(a_nan), cast(b_nan)
+    return (Factors(cast(a), cast(b), cast(bias_t), scale, rank),
+            Factors(cast(a_nan), cast(b_nan), cast(bias_t), scale, rank))
 
 
-def grid_from_lanes(tok, slot, w, scale):
-    """The torch path's padded (D, M) grid for per-lane arrays: (slots, token (D*M,), coef (D, M))."""
-    keep = (slot >= 0) & (w != 0)
-    slots = sorted(set(slot[keep].tolist()))
-    rows = [torch.nonzero(keep & (slot == s)).flatten() for s in slots]
-    width = max((len(r) for r in rows), default=0)
-    token = torch.zeros(len(slots), width, dtype=torch.int64)
-    coef = torch.zeros(len(slots), width, dtype=torch.float32)
-    for d, (s, r) in enumerate(zip(slots, rows)):
-        token[d, : len(r)] = tok[r]
-        coef[d, : len(r)] = w[r] * scale[s]
-    return torch.tensor(slots, dtype=torch.int64), token.flatten(), coef
+def f32(factors: Factors) -> Factors:
+    return factors._replace(a=factors.a.float(), b=factors.b.float(),
+                            bias=None if factors.bias is None else factors.bias.float())
 
 
-def reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32: bool):
-    idx, token, coef = grid_from_lanes(tok, slot, w, scale)
-    if fp32:
-        x, base, a, b = x.float(), base.float(), a.float(), b.float()
-        bias = None if bias is None else bias.float()
-    if idx.numel() == 0:
-        return base.clone()
-    bias_d = None if bias is None else bias[idx]
-    return reference.lora_delta(x, base, a[idx], b[idx], bias_d, token, coef)
+def reference_pair(x, base, factors, lanes):
+    """(ref32, torch_same_dtype): the reference on fp32 copies (not rounded back) and on the inputs."""
+    return (reference.lora_delta(x.float(), base.float(), f32(factors), lanes),
+            reference.lora_delta(x, base, factors, lanes))
 
 
 def assert_rule(out, ref32, same, atol):
@@ -209,17 +198,15 @@ def test_lora_delta(case):
     t, k, n, dtype, adapter_dtype, ranks, num_slots, popularity, multi, bias = case
     gen = torch.Generator().manual_seed(CASES.index(case))
     r = max(ranks)
-    a, b, bias_t, scale, rank, a_nan, b_nan = make_bank(num_slots, r, k, n, ranks, adapter_dtype, bias, gen)
+    factors, with_nan = make_bank(num_slots, r, k, n, ranks, adapter_dtype, bias, gen)
     x = torch.randn(t, k, generator=gen).to(dtype)
     base = torch.randn(t, n, generator=gen).to(dtype)
     tok, slot, w = make_lanes(t, num_slots, popularity, multi, gen)
     lanes = build_lanes(tok, slot, w, num_slots, passes=multi, num_tokens=t)
 
-    out = lora_delta(x, base, a_nan, b_nan, bias_t, scale, rank, lanes)
+    out = lora_delta(x, base, with_nan, lanes)
 
-    ref32 = reference_delta(x, base, a, b, bias_t, scale, tok, slot, w, fp32=True)
-    same = reference_delta(x, base, a, b, bias_t, scale, tok, slot, w, fp32=False)
-    assert_rule(out, ref32, same, ATOL[dtype])
+    assert_rule(out, *reference_pair(x, base, factors, lanes), ATOL[dtype])
     untouched = torch.ones(t, dtype=torch.bool)
     untouched[tok[(slot >= 0) & (w != 0)]] = False
     assert torch.equal(out[untouched], base[untouched]), "a token with no adapter must get base exactly"
@@ -228,102 +215,107 @@ def test_lora_delta(case):
 @pytest.mark.parametrize("split_k", [2, 5])
 def test_lora_delta_split_k(split_k):
     gen = torch.Generator().manual_seed(split_k)
-    a, b, bias, scale, rank, a_nan, b_nan = make_bank(4, 16, 1000, 129, (4, 16), F16, True, gen)
+    factors, with_nan = make_bank(4, 16, 1000, 129, (4, 16), F16, True, gen)
     x = torch.randn(7, 1000, generator=gen).to(F16)
     base = torch.randn(7, 129, generator=gen).to(F16)
     tok, slot, w = make_lanes(7, 4, "uniform", 2, gen)
     lanes = build_lanes(tok, slot, w, 4, passes=2)
-    out = lora_delta(x, base, a_nan, b_nan, bias, scale, rank.long(), lanes, split_k=split_k)  # int64 ranks too
-    ref32 = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=True)
-    same = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=False)
-    assert_rule(out, ref32, same, ATOL[F16])
+    out = lora_delta(x, base, with_nan._replace(rank=with_nan.rank.long()), lanes, split_k=split_k)  # int64 ranks too
+    assert_rule(out, *reference_pair(x, base, factors, lanes), ATOL[F16])
 
 
 def test_lora_delta_no_lanes_returns_base():
     gen = torch.Generator().manual_seed(0)
-    a, b, _, scale, rank, _, _ = make_bank(2, 4, 129, 129, (4,), B16, False, gen)
+    factors, _ = make_bank(2, 4, 129, 129, (4,), B16, False, gen)
     x = torch.randn(5, 129).to(B16)
     base = torch.randn(5, 129).to(B16)
     lanes = build_lanes(torch.arange(5), torch.full((5,), -1), torch.ones(5), 2, passes=1)
-    out = lora_delta(x, base, a, b, None, scale, rank, lanes)
+    out = lora_delta(x, base, factors, lanes)
     assert torch.equal(out, base) and out.data_ptr() != base.data_ptr()
 
 
 @pytest.mark.parametrize("dtype,multi", [(B16, 1), (B16, 3), (F32, 2)])
 def test_inplace_matches_functional(dtype, multi):
     gen = torch.Generator().manual_seed(7)
-    a, b, bias, scale, rank, _, _ = make_bank(4, 16, 129, 129, (16, 4), dtype, True, gen)
+    factors, _ = make_bank(4, 16, 129, 129, (16, 4), dtype, True, gen)
     x = torch.randn(64, 129, generator=gen).to(dtype)
     base = torch.randn(64, 129, generator=gen).to(dtype)
     tok, slot, w = make_lanes(64, 4, "uniform", multi, gen)
     lanes = build_lanes(tok, slot, w, 4, passes=multi)
-    expected = lora_delta(x, base, a, b, bias, scale, rank, lanes)
+    expected = lora_delta(x, base, factors, lanes)
     target = base.clone()
-    out = lora_delta(x, target, a, b, bias, scale, rank, lanes, inplace=True)
+    out = lora_delta(x, target, factors, lanes, inplace=True)
     assert out is target and torch.equal(target, expected)
-    h = lora_shrink(x, a, rank, lanes)
+    h = lora_shrink(x, factors, lanes)
     target = base.clone()
-    assert lora_expand(h[0], target, b, bias, scale, rank, lanes, inplace=True) is target
+    assert lora_expand(h, target, factors, lanes, inplace=True) is target
     assert torch.equal(target, expected)
 
 
 def test_weighted_set_equals_sum_of_single_adapters():
     """A token's weighted set adds up exactly like the same lanes sent one adapter at a time."""
     gen = torch.Generator().manual_seed(3)
-    a, b, bias, scale, rank, _, _ = make_bank(3, 16, 129, 129, (16, 4, 1), F32, True, gen)
+    factors, _ = make_bank(3, 16, 129, 129, (16, 4, 1), F32, True, gen)
     x = torch.randn(4, 129, generator=gen)
     base = torch.randn(4, 129, generator=gen)
     tok = torch.tensor([0, 0, 0, 2, 2])
     slot = torch.tensor([0, 1, 2, 1, 0])
     w = torch.tensor([0.7, -1.3, 2.0, 1.0, -0.5])
-    out = lora_delta(x, base, a, b, bias, scale, rank, build_lanes(tok, slot, w, 3, passes=3))
+    out = lora_delta(x, base, factors, build_lanes(tok, slot, w, 3, passes=3))
     expected = base.clone()
     for i in range(5):
         one = build_lanes(tok[i:i + 1], slot[i:i + 1], w[i:i + 1], 3, passes=1)
-        expected += lora_delta(x, torch.zeros_like(base), a, b, bias, scale, rank, one)
+        expected += lora_delta(x, torch.zeros_like(base), factors, one)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(out[[1, 3]], base[[1, 3]])
 
 
 # ---------------------------------------------------------------------------------------------
-# fused shrink, embedding
+# the two ops apart, embedding
 
 
-def test_fused_shrink_of_sibling_banks():
-    """q/k/v: three banks with their own R, ranks and N, one shrink launch, one expand each."""
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_shrink_and_expand_match_their_references(split_k):
+    """Each op against its own reference: the shrink's covered entries (summed over K-splits), and
+    the expand fed the reference's shrink."""
     gen = torch.Generator().manual_seed(5)
-    t, k, num_slots = 64, 129, 4
+    t, k, n, num_slots = 64, 129, 100, 4
+    factors, with_nan = make_bank(num_slots, 64, k, n, (64, 1, 4, 16), B16, True, gen)
     x = torch.randn(t, k, generator=gen).to(B16)
     tok, slot, w = make_lanes(t, num_slots, "zipf", 2, gen)
     lanes = build_lanes(tok, slot, w, num_slots, passes=2)
-    banks = [make_bank(num_slots, r, k, n, ranks, B16, bias, gen)
-             for r, n, ranks, bias in [(16, 129, (16, 8), True), (64, 100, (64, 1, 4), False), (4, 129, (4,), False)]]
-    h = lora_shrink(x, [bk[5] for bk in banks], [bk[4] for bk in banks], lanes, split_k=2)
-    assert h.shape == (3, 2, tok.numel(), 64)
-    for g, (a, b, bias, scale, rank, a_nan, b_nan) in enumerate(banks):
-        base = torch.randn(t, b.shape[1], generator=gen).to(B16)
-        out = lora_expand(h[g], base, b_nan, bias, scale, rank, lanes)
-        ref32 = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=True)
-        same = reference_delta(x, base, a, b, bias, scale, tok, slot, w, fp32=False)
-        assert_rule(out, ref32, same, ATOL[B16])
+    h = lora_shrink(x, with_nan, lanes, split_k=split_k)
+    assert h.shape == (split_k, tok.numel(), 64)
+    want = reference.lora_shrink(x, factors, lanes)[0]  # (L, R)
+    covered = torch.zeros_like(want, dtype=torch.bool)
+    for p in range(lanes.num_passes):
+        for s_, start, end in zip(*(tt[p].tolist() for tt in (lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end))):
+            if s_ >= 0:
+                covered[start:end, : int(factors.rank[s_])] = True
+    torch.testing.assert_close(h.sum(0)[covered], want[covered], rtol=1e-5, atol=1e-5)
+    base = torch.randn(t, n, generator=gen).to(B16)
+    h_ref = reference.lora_shrink(x.float(), f32(factors), lanes)
+    out = lora_expand(h_ref, base, with_nan, lanes)
+    ref32 = reference.lora_expand(h_ref, base.float(), f32(factors), lanes)
+    assert_rule(out, ref32, reference.lora_expand(h_ref, base, factors, lanes), ATOL[B16])
 
 
 @pytest.mark.parametrize("dtype,embed_scale", [(F32, None), (B16, "tensor"), (F16, 1.5)])
 def test_lora_embedding_delta(dtype, embed_scale):
     gen = torch.Generator().manual_seed(11)
     t, vocab, n, num_slots = 64, 1000, 129, 5
-    a, b, _, scale, rank, a_nan, b_nan = make_bank(num_slots, 16, vocab, n, (16, 4, 1), dtype, False, gen)
-    a, a_nan = a * vocab**0.5, a_nan * vocab**0.5  # embedding A columns are O(1)
+    factors, with_nan = make_bank(num_slots, 16, vocab, n, (16, 4, 1), dtype, False, gen)
+    factors = factors._replace(a=factors.a * vocab**0.5)  # embedding A columns are O(1)
+    with_nan = with_nan._replace(a=with_nan.a * vocab**0.5)
     ids = torch.randint(0, vocab, (t,), generator=gen)
     base = torch.randn(t, n, generator=gen).to(dtype)
     tok, slot, w = make_lanes(t, num_slots, "uniform", 2, gen)
     lanes = build_lanes(tok, slot, w, num_slots, passes=2)
     es = torch.tensor(8.0, dtype=dtype) if embed_scale == "tensor" else embed_scale
-    out = lora_embedding_delta(ids, base, a_nan, b_nan, scale, rank, lanes, embed_scale=es)
+    out = lora_embedding_delta(ids, base, with_nan, lanes, embed_scale=es)
 
-    idx, token, coef = grid_from_lanes(tok, slot, w, scale)
-    ref32 = reference.lora_embedding_delta(ids, base.float(), a[idx].float(), b[idx].float(), token, coef, es)
-    same = reference.lora_embedding_delta(ids, base, a[idx], b[idx], token, coef, es)
+    ref32 = reference.lora_embedding_delta(ids, base.float(), f32(factors), lanes, es)
+    same = reference.lora_embedding_delta(ids, base, factors, lanes, es)
     assert_rule(out, ref32, same, ATOL[dtype])
 
 
@@ -333,12 +325,12 @@ def test_lora_embedding_delta(dtype, embed_scale):
 
 def test_ops_are_registered_and_compile_as_one_op():
     gen = torch.Generator().manual_seed(2)
-    a, b, bias, scale, rank, _, _ = make_bank(3, 16, 129, 129, (16, 4), F32, True, gen)
+    factors, _ = make_bank(3, 16, 129, 129, (16, 4), F32, True, gen)
     x = torch.randn(7, 129, generator=gen)
     base = torch.randn(7, 129, generator=gen)
     tok, slot, w = make_lanes(7, 3, "uniform", 1, gen)
     lanes = build_lanes(tok, slot, w, 3, passes=1)
-    args = (x, base, a, b, bias, scale, rank, *lanes[:5], lanes.block_m, 1)
+    args = (x, base, *factors, *lanes[:5], lanes.block_m, 1)
     torch.library.opcheck(torch.ops.lora_graph.lora_delta.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -348,18 +340,19 @@ def test_ops_are_registered_and_compile_as_one_op():
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(lambda *t: lora_delta(*t, lanes), backend=backend, fullgraph=True)
-    out = compiled(x, base, a, b, bias, scale, rank)
-    torch.testing.assert_close(out, lora_delta(x, base, a, b, bias, scale, rank, lanes))
+    compiled = torch.compile(lambda x, base, *f: lora_delta(x, base, Factors(*f), lanes), backend=backend,
+                             fullgraph=True)
+    out = compiled(x, base, *factors)
+    torch.testing.assert_close(out, lora_delta(x, base, factors, lanes))
     targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert targets == [torch.ops.lora_graph.lora_delta.default]
 
-    def add_into(x, base, a, b, bias, scale, rank):
+    def add_into(x, base, *f):
         out = base * 1.0
-        return lora_delta(x, out, a, b, bias, scale, rank, lanes, inplace=True)
+        return lora_delta(x, out, Factors(*f), lanes, inplace=True)
 
     compiled = torch.compile(add_into, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, base, a, b, bias, scale, rank), out)
+    torch.testing.assert_close(compiled(x, base, *factors), out)
 
 
 def test_compiled_op_replays_new_routing_written_into_the_same_buffers():
@@ -371,7 +364,7 @@ def test_compiled_op_replays_new_routing_written_into_the_same_buffers():
 
     gen = torch.Generator().manual_seed(3)
     num_slots = 4
-    a, b, bias, scale, rank, _, _ = make_bank(num_slots, 16, 129, 96, (16, 4, 8, 1), F32, True, gen)
+    factors, _ = make_bank(num_slots, 16, 129, 96, (16, 4, 8, 1), F32, True, gen)
     x, base = torch.randn(12, 129, generator=gen), torch.randn(12, 96, generator=gen)
 
     def lanes_for(popularity, seed):
@@ -382,8 +375,7 @@ def test_compiled_op_replays_new_routing_written_into_the_same_buffers():
     static = [t.clone() for t in first[:5]]  # the fixed routing buffers
 
     def forward(x, base, *routing):
-        return lora_delta(x, base * 1.0, a, b, bias, scale, rank, type(first)(*routing, first.block_m),
-                          inplace=True)
+        return lora_delta(x, base * 1.0, factors, type(first)(*routing, first.block_m), inplace=True)
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
@@ -395,23 +387,21 @@ def test_compiled_op_replays_new_routing_written_into_the_same_buffers():
             for buffer, value in zip(static, lanes[:5]):
                 buffer.copy_(value)
             got = compiled(x, base, *static)
-            torch.testing.assert_close(got, lora_delta(x, base, a, b, bias, scale, rank, lanes), rtol=0, atol=0)
+            torch.testing.assert_close(got, lora_delta(x, base, factors, lanes), rtol=0, atol=0)
     assert counter.frame_count == 1
 
 
 def test_argument_checks():
     gen = torch.Generator().manual_seed(0)
-    a, b, _, scale, rank, _, _ = make_bank(2, 4, 129, 129, (4,), F32, False, gen)
+    factors, _ = make_bank(2, 4, 129, 129, (4,), F32, False, gen)
     x, base = torch.randn(3, 129), torch.randn(3, 129)
     lanes = build_lanes(torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), 2, passes=1)
     with pytest.raises(ValueError, match="rank"):
-        lora_delta(x, base, a, b, None, scale, rank.float(), lanes)
-    with pytest.raises(ValueError, match="A bank"):
-        lora_delta(x[:, :100], base, a, b, None, scale, rank, lanes)
+        lora_delta(x, base, factors._replace(rank=factors.rank.float()), lanes)
+    with pytest.raises(ValueError, match=r"a must be \(S, R, 100\)"):
+        lora_delta(x[:, :100], base, factors, lanes)
     with pytest.raises(ValueError, match="scale"):
-        lora_delta(x, base, a, b, None, scale[:1], rank, lanes)
-    with pytest.raises(ValueError, match="1 to 3"):
-        lora_shrink(x, [a] * 4, [rank] * 4, lanes)
+        lora_delta(x, base, factors._replace(scale=factors.scale[:1]), lanes)
     with pytest.raises(ValueError, match="block_m"):
         build_lanes(torch.arange(3), torch.zeros(3), torch.ones(3), 2, block_m=8)
 
@@ -427,11 +417,12 @@ def test_cpu_tensors_without_interpreter_raise_clearly():
     proc = _run_clean("""
         import torch
         from lora_graph.kernels.lanes import build_lanes
-        from lora_graph.kernels.triton_ops import lora_delta
+        from lora_graph.kernels.triton_ops import Factors, lora_delta
         lanes = build_lanes(torch.arange(2), torch.zeros(2, dtype=torch.int64), torch.ones(2), 1, passes=1)
         try:
-            lora_delta(torch.randn(2, 16), torch.randn(2, 16), torch.randn(1, 4, 16), torch.randn(1, 16, 4),
-                       None, torch.ones(1), torch.full((1,), 4), lanes)
+            lora_delta(torch.randn(2, 16), torch.randn(2, 16),
+                       Factors(torch.randn(1, 4, 16), torch.randn(1, 16, 4), None, torch.ones(1), torch.full((1,), 4)),
+                       lanes)
         except RuntimeError as e:
             print("RAISED:", e)
     """)
@@ -456,10 +447,9 @@ def test_kernels_compile_for_sm90():
 
         idx = dict(token_ptr="i32", chunk_slot_ptr="i32", chunk_start_ptr="i32", chunk_end_ptr="i32")
         for x, a, dot in [("bf16", "bf16", tl.bfloat16), ("fp16", "fp16", tl.float16), ("fp32", "bf16", tl.float32)]:
-            ptrs = dict(idx, x_ptr=x, a0_ptr=a, a1_ptr=a, a2_ptr=a, rank0_ptr="i32", rank1_ptr="i32",
-                        rank2_ptr="i32", h_ptr="fp32")
-            compile(shrink._shrink_kernel, ptrs, dict(NUM_BANKS=3, R_BLOCKS=4, SPLIT_K=2, DOT_DTYPE=dot, BLOCK_M=16, BLOCK_R=16,
-                                                     BLOCK_K=128, stride_xk=1, stride_a0k=1, stride_hr=1))
+            ptrs = dict(idx, x_ptr=x, a_ptr=a, rank_ptr="i32", h_ptr="fp32")
+            compile(shrink._shrink_kernel, ptrs, dict(R_BLOCKS=4, SPLIT_K=2, DOT_DTYPE=dot, BLOCK_M=16, BLOCK_R=16,
+                                                     BLOCK_K=128, stride_xk=1, stride_ak=1, stride_hr=1))
         for out, b, split, bias, rank in [("bf16", "bf16", 1, True, "i32"), ("fp32", "fp16", 4, False, "i64")]:
             ptrs = dict(idx, h_ptr="fp32", b_ptr=b, bias_ptr=b, scale_ptr="fp32", rank_ptr=rank, out_ptr=out,
                         weight_ptr="fp32")

@@ -4,7 +4,9 @@
 * inside the wrapping stack, only lora_graph/patch.py knows transformers (the entry points above
   the wrapper, cli.py and demo.py, load models and tokenizers with it);
 * the library never imports the tests or the notebooks;
-* inside the library, lower layers never import upper ones (ops < layers < patch < wrapper).
+* inside the library, lower layers never import upper ones
+  (routing < backends < layers < patch < residency < wrapper);
+* only backends/__init__.py (``resolve_backend``) compares a backend's name.
 
 Imports inside functions count too, and so do ``importlib.import_module("...")`` / ``__import__``
 calls with a literal name.
@@ -13,13 +15,14 @@ calls with a literal name.
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBRARY = sorted((ROOT / "lora_graph").glob("*.py"))
+LIBRARY = sorted((ROOT / "lora_graph").rglob("*.py"))
 KERNELS = sorted((ROOT / "kernels").glob("*.py"))
 STDLIB = set(sys.stdlib_module_names)
 
@@ -63,9 +66,14 @@ def test_the_scan_sees_imports(tmp_path):
     assert imports(src) == {"os.path", "torch", ".ops", ".patch", "..x.y", "transformers", "tests.helpers"}
 
 
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT / "lora_graph").as_posix()
+
+
 def test_files_exist():
-    names = {p.name for p in LIBRARY}
-    assert {"patch.py", "wrapper.py", "layers.py", "ops.py"} <= names
+    names = {rel(p) for p in LIBRARY}
+    assert {"patch.py", "wrapper.py", "layers.py", "routing.py", "slots.py", "backends/torch.py",
+            "backends/triton.py"} <= names
     assert "reference.py" in {p.name for p in KERNELS}
 
 
@@ -85,7 +93,7 @@ def test_kernels_import_only_torch_triton_and_stdlib(path):
 ENTRY_POINTS = {"cli.py", "demo.py"}  # above the wrapper: they load an HF model, then wrap it
 
 
-@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in ENTRY_POINTS], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in ENTRY_POINTS], ids=rel)
 def test_only_patch_knows_transformers(path):
     uses = sorted(n for n in imports(path) if top(n) == "transformers")
     if path.name == "patch.py":
@@ -100,28 +108,56 @@ def test_library_never_imports_tests_or_notebooks(path):
     assert not bad, f"{path.parent.name}/{path.name} imports {bad}"
 
 
-# ops < layers < patch < wrapper: a module never imports one above it
+# routing < backends < layers < patch < residency < wrapper: a module never imports one above it
+ABOVE_BACKENDS = {"layers", "patch", "residency", "wrapper", "cli"}
 UPPER = {
-    "ops.py": {"layers", "patch", "wrapper", "cli"},
-    "layers.py": {"patch", "wrapper", "cli"},
-    "patch.py": {"wrapper", "cli"},
-    "bank.py": {"layers", "patch", "wrapper", "cli"},
-    "routing.py": {"layers", "patch", "wrapper", "cli"},
-    "adapters.py": {"bank", "layers", "patch", "wrapper", "cli"},
-    "config.py": {"adapters", "bank", "layers", "patch", "wrapper", "cli"},
-    "store.py": {"bank", "layers", "patch", "wrapper", "cli"},
+    "backends/__init__.py": ABOVE_BACKENDS,
+    "backends/base.py": ABOVE_BACKENDS,
+    "backends/torch.py": ABOVE_BACKENDS,
+    "backends/triton.py": ABOVE_BACKENDS,
+    "layers.py": {"patch", "residency", "wrapper", "cli"},
+    "patch.py": {"residency", "wrapper", "cli"},
+    "residency.py": {"wrapper", "cli"},
+    "bank.py": {"backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "routing.py": {"backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "slots.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "adapters.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "config.py": {"adapters", "bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "store.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
     "wrapper.py": {"cli", "demo"},
 }
 
 
+def internal_imports(path: Path) -> set[str]:
+    """The lora_graph modules ``path`` imports, by their top name inside the package."""
+    depth = len(Path(rel(path)).parts) - 1  # 1 inside backends/
+    found = set()
+    for imported in imports(path):
+        dots = len(imported) - len(imported.lstrip("."))
+        if dots:
+            parts = ([Path(rel(path)).parts[0]] if dots == 1 and depth else []) + imported[dots:].split(".")
+            if dots - 1 <= depth and parts[0]:
+                found.add(parts[0])
+        elif top(imported) == "lora_graph":
+            found.add(imported.split(".")[1] if "." in imported else "lora_graph")
+    return found
+
+
 @pytest.mark.parametrize("name", sorted(UPPER))
 def test_lower_layers_do_not_import_upper_ones(name):
-    path = ROOT / "lora_graph" / name
-    internal = set()
-    for imported in imports(path):
-        if imported.startswith(".") and not imported.startswith(".."):
-            internal.add(top(imported[1:]))
-        elif top(imported) == "lora_graph":
-            internal.add(imported.split(".")[1] if "." in imported else "lora_graph")
-    bad = sorted(internal & (UPPER[name] | {"lora_graph"}))
+    bad = sorted(internal_imports(ROOT / "lora_graph" / name) & (UPPER[name] | {"lora_graph"}))
     assert not bad, f"lora_graph/{name} imports {bad}, which sit above it"
+
+
+def test_the_internal_scan_resolves_package_relative_imports():
+    assert internal_imports(ROOT / "lora_graph" / "backends" / "torch.py") >= {"routing", "backends"}
+    assert "routing" in internal_imports(ROOT / "lora_graph" / "wrapper.py")
+
+
+def test_only_resolve_backend_compares_a_backend_name():
+    """A backend is an object; its name is looked at in one place."""
+    pattern = re.compile(r"""(==|!=|\bin\b)\s*\(?\s*["'](torch|triton)["']|["'](torch|triton)["']\s*(==|!=)""")
+    found = [f"{rel(p)}:{i}" for p in LIBRARY for i, line in enumerate(p.read_text().splitlines(), 1)
+             if pattern.search(line)]
+    assert all(f.startswith("backends/__init__.py:") for f in found), found
+    assert found, "the check found resolve_backend's own comparisons"

@@ -14,6 +14,7 @@ import torch
 from helpers import (
     ARCHS,
     EXTRA_TARGETS,
+    LayoutProbe,
     adapter_dir,
     assert_original_modules,
     digest,
@@ -216,15 +217,16 @@ def test_unload_frees_what_the_last_forward_gathered(adapter_dirs):
     lm.load_adapter("a", dirs["a"])
     lm.load_adapter("b", dirs["b"])
     layer = lm.model.model.layers[0].self_attn.q_proj
+    probe = LayoutProbe(lm, layer)
     logits(lm, token_ids(4, 1, seed=3), adapters=["a", "b", "b", "a"])
-    assert layer.bank.bound is not None
-    slots, state, a, b = layer.bank._gathered[:4]  # what that forward gathered, and bound to
+    probe.handle.remove()
+    assert probe.bound()[3] is not None
+    slots, state, (a, b, _, _) = probe.last._gathered[layer]  # what that forward gathered, and bound to
     assert len(slots) == 2 and state is layer.bank.state
     gathered = [weakref.ref(a), weakref.ref(b)]
-    del a, b, state
+    del a, b, state, probe
     lm.unload_adapter("b")
     gc.collect()
-    assert layer.bank.bound is None
     assert all(ref() is None for ref in gathered), "the gathered factors outlived the unload"
 
 

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from helpers import ARCHS, merged_copy, peft_oracle, peft_rows, tiny_model, token_ids
+from helpers import ARCHS, LayoutProbe, merged_copy, peft_oracle, peft_rows, tiny_model, token_ids
 
 import lora_graph
 
@@ -120,6 +120,7 @@ def test_one_adapter_per_row_matches_peft(arch, adapter_dirs):
         lm.load_adapter(n, path)
     lm.load_adapter("a2", dirs["a"])
     q_proj = next(m for name, m in lm.model.named_modules() if name.endswith(("q_proj", "c_attn")))
+    probe = LayoutProbe(lm, q_proj)
     # b, a, a, b: the lanes are a permutation of the tokens; a, b, a, b: a strided view of them
     for names, shared in ((["b", "a", "a", "b"], ["a", "a2", "a2", "a"]), (["a", "b", "a", "b"], ["a", "a2", "a", "a2"])):
         for length in (7, 1):
@@ -134,8 +135,7 @@ def test_one_adapter_per_row_matches_peft(arch, adapter_dirs):
                     for _ in range(2):
                         got = lm(input_ids=ids, adapters=spec).logits
                         torch.testing.assert_close(got, want, atol=ATOL32, rtol=0, msg=lambda m: f"{spec}: {m}")
-                    plan, state = q_proj.bank.bound[:2]
-                    grid = plan.grid(len(names) * length, state.present, torch.device("cpu"))
+                    grid = probe.last.grid(len(names) * length, q_proj.bank.state.present, torch.device("cpu"))
                     assert (grid.inverse is not None) == (length == 1)
                     assert (grid.strides is not None) == (length == 1 and names[0] == "a")
 
@@ -269,12 +269,13 @@ def test_repeated_forwards_reuse_the_bound_branch(spec, adapter_dirs):
         lm.load_adapter(name, dirs[name])
     ids = token_ids(3, 5)
     layer = lm.model.model.layers[0].self_attn.q_proj
+    probe = LayoutProbe(lm, layer)
     with torch.no_grad():
         first = lm(input_ids=ids, adapters=spec).logits
-        bound = layer.bank.bound
-        assert bound is not None and bound[4] is not None
+        bound = probe.bound()
+        assert bound is not None and bound[3] is not None
         again = lm(input_ids=ids, adapters=spec).logits
-        assert layer.bank.bound is bound  # the second forward took the bound branch
+        assert probe.bound() is bound  # the second forward took the bound branch
         assert torch.equal(first, again)
         fresh = lora_graph.wrap(copy.deepcopy(model))
         for name in ("a", "b", "c"):
@@ -282,7 +283,7 @@ def test_repeated_forwards_reuse_the_bound_branch(spec, adapter_dirs):
         assert torch.equal(first, fresh(input_ids=ids, adapters=spec).logits)
         lm.load_adapter("a", dirs["c"], replace=True)  # new weights under the same name
         replaced = lm(input_ids=ids, adapters=spec).logits
-        assert layer.bank.bound is not bound
+        assert probe.bound() is not bound
         rows = [i for i, row in enumerate(spec) if row == "a" or (isinstance(row, dict) and "a" in row)]
         assert rows and all(not torch.equal(replaced[i], first[i]) for i in rows)
         other = lm(input_ids=ids, adapters=None).logits

@@ -1,21 +1,9 @@
-"""The torch op (kernels/reference.py) against a plain fp32 loop.
+"""The specification (kernels/reference.py) against the per-lane sum it specifies.
 
-The operands come from the real plumbing: factors placed in an ``AdapterBank`` (mixed ranks,
-zero-padded past each slot's rank), lanes from ``RoutingPlan(...).grid(...)`` and coefficients from
-``AdapterBank.operands``. Two loops check them:
-
-* ``semantics_loop`` runs the ``Semantics:`` block of the docstring on the op's own operands, in
-  fp64 without the final rounding, against the same per-token loop in fp64;
-* ``ref32`` works per token from the request rows and the original, unpadded factors (rounded to
-  the bank's dtype, where the bank rounds them): it knows nothing of the grid, so it also checks the
-  plan and the bank.
-
-Tolerance, one rule for every case: fp32 within 1e-5; fp16/bf16
-``|op − ref32| ≤ 2·|torch_same_dtype − ref32| + atol``, where ``torch_same_dtype`` is the same math
-in plain torch in the low dtype. Rows with no adapter must come back as ``base`` exactly.
-
-Popularity sweeps after Punica: distinct, uniform, zipf, identical, skewed, with no-adapter rows,
-and multi-lane weighted rows with negative weights.
+The reference walks the kernels' lane layout (sorted, chunked, in passes); here the same lanes are
+summed straight from the raw ``(token, slot, weight)`` arrays, one lane at a time, in fp64. So the
+check covers the layout too: a lane dropped, doubled or given the wrong slot by ``build_lanes`` would
+show. Slots past a bank's size, slot -1 and weight 0 add nothing; slots of rank 0 add nothing.
 """
 
 from __future__ import annotations
@@ -24,417 +12,86 @@ import math
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
-from lora_graph import ops
-from lora_graph.adapters import ModuleLora
-from lora_graph.bank import AdapterBank
 from lora_graph.kernels import reference
-from lora_graph.routing import RoutingPlan
+from lora_graph.kernels.factors import Factors
+from lora_graph.kernels.lanes import build_lanes
 
-CPU = torch.device("cpu")
-RANKS = [1, 4, 16, 8, 3, 16, 2, 5]  # slot -> rank; the padded rank is 16
-SCALES = [2.0, 0.5, 1.25, 4.0, 1 / 3, 0.75, 8.0, 1.5]
-WITH_BIAS = {1, 3, 6}
-ROWS_PER_BATCH = 8
-ATOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5}
+RANKS = [4, 0, 16, 1, 8]  # slot 1 is not held by this module
 
 
-# -- requests ------------------------------------------------------------------------------------
-
-
-def popularity(kind: str, num_rows: int, num_slots: int, seed: int = 0):
-    """Per-row lanes ``((slot, weight), ...)`` for an adapter popularity pattern."""
+def bank(k: int, n: int, bias: bool, seed: int = 0) -> Factors:
     g = torch.Generator().manual_seed(seed)
-    if kind == "distinct":
-        return tuple(((i % num_slots, 1.0),) for i in range(num_rows))
-    if kind == "identical":
-        return tuple(((3, 0.75),) for _ in range(num_rows))  # slot 3 has a bias when the case has biases
-    if kind == "uniform":
-        slots = torch.randint(0, num_slots, (num_rows,), generator=g)
-    elif kind == "zipf":
-        p = torch.tensor([1.0 / (k + 1) ** 1.2 for k in range(num_slots)])
-        slots = torch.multinomial(p, num_rows, replacement=True, generator=g)
-    elif kind == "skewed":
-        others = torch.randint(1, num_slots, (num_rows,), generator=g)
-        slots = torch.where(torch.rand(num_rows, generator=g) < 0.8, 0, others)
-    elif kind == "no-adapter-rows":
-        slots = torch.randint(0, num_slots, (num_rows,), generator=g)
-        return tuple(() if i % 3 == 1 else ((int(slots[i]), 1.0),) for i in range(num_rows))
-    elif kind == "multi-lane":
-        rows = []
-        for i in range(num_rows):
-            n = i % 4  # 0 to 3 lanes; the 0-lane rows are the base
-            chosen = torch.randperm(num_slots, generator=g)[:n].tolist()
-            weights = ((torch.rand(n, generator=g) * 4 - 2)).tolist()  # in [-2, 2)
-            rows.append(tuple(sorted((s, round(w, 3) or 0.5) for s, w in zip(chosen, weights))))
-        lanes = [w for row in rows for _, w in row]
-        assert min(lanes) < 0 < max(lanes) and max(len(row) for row in rows) == 3
-        return tuple(rows)
-    else:
-        raise ValueError(kind)
-    return tuple(((int(s), 1.0),) for s in slots)
+    num_slots, r = len(RANKS), max(RANKS)
+    rank = torch.tensor(RANKS, dtype=torch.int32)
+    past = torch.arange(r)[None, :] >= rank[:, None]  # (S, R)
+    a = torch.randn(num_slots, r, k, generator=g) / math.sqrt(k)
+    b = torch.randn(num_slots, n, r, generator=g)
+    a[past], b.transpose(1, 2)[past] = 0.0, 0.0
+    scale = torch.rand(num_slots, generator=g) + 0.5
+    return Factors(a, b, torch.randn(num_slots, n, generator=g) if bias else None, scale, rank)
 
 
-POPULARITY = ["distinct", "uniform", "zipf", "identical", "skewed", "no-adapter-rows", "multi-lane"]
-
-
-# -- operands through the real bank --------------------------------------------------------------------
-
-
-def make_loras(k: int, n: int, bias: bool, seed: int = 0) -> list[ModuleLora]:
+def raw_lanes(num_tokens: int, seed: int):
+    """One lane per token (some -1), a weighted set on every third token, weights of both signs, a
+    zero weight and two slots past the bank."""
     g = torch.Generator().manual_seed(seed)
-    loras = []
-    for slot, (r, s) in enumerate(zip(RANKS, SCALES)):
-        a = torch.randn(r, k, generator=g) / math.sqrt(k)  # (r, K)
-        b = torch.randn(n, r, generator=g) / math.sqrt(r)  # (N, r)
-        c = torch.randn(n, generator=g) * 0.5 if bias and slot in WITH_BIAS else None
-        loras.append(ModuleLora(a, b, c, r, s))
-    return loras
+    tok = torch.arange(num_tokens)
+    slot = torch.randint(-1, len(RANKS) + 2, (num_tokens,), generator=g)
+    weight = torch.randn(num_tokens, generator=g)
+    extra = tok[::3]
+    tok = torch.cat([tok, extra, extra])
+    slot = torch.cat([slot, torch.randint(0, len(RANKS), (2 * extra.numel(),), generator=g)])
+    weight = torch.cat([weight, torch.randn(2 * extra.numel(), generator=g)])
+    weight[1] = 0.0
+    return tok, slot, weight
 
 
-def make_bank(loras: list[ModuleLora], k: int, n: int, dtype: torch.dtype) -> AdapterBank:
-    bank = AdapterBank(k, n, CPU, dtype)
-    for slot, lora in enumerate(loras):  # ranks grow and shrink: the bank re-pads as it goes
-        bank.commit(bank.stage(slot, lora))
-    return bank
-
-
-def run_op(bank: AdapterBank, rows, x: torch.Tensor, base: torch.Tensor):
-    plan = RoutingPlan(rows)
-    grid = plan.grid(x.shape[0], bank.present, CPU)
-    assert grid is not None
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
-    out = reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity, inverse=grid.inverse)
-    return out, (a, b, bias, grid.token, coef)
-
-
-# -- the loops -------------------------------------------------------------------------------------
-
-
-def semantics_loop(x, base, a, b, bias, token, coef) -> torch.Tensor:
-    """The ``Semantics:`` block of ``lora_delta``, in fp64 (the final cast left out), so that how
-    the operands are laid out cannot change its rounding."""
+def per_lane(x, base, f: Factors, tok, slot, weight) -> torch.Tensor:
     out = base.double().clone()
-    coef = coef.reshape(coef.shape[0], coef.shape[1])  # (D, M); the op also takes (D, M, 1)
-    num_slots, rows = coef.shape
-    for d in range(num_slots):
-        for m in range(rows):
-            t = int(token[d * rows + m])
-            h = a[d].double() @ x[t].double()  # (R,)
-            y = b[d].double() @ h  # (N,)
-            if bias is not None:
-                y = y + bias[d].double()
-            out[t] += coef[d, m] * y
+    for t, s, w in zip(tok.tolist(), slot.tolist(), weight.tolist()):
+        if not 0 <= s < f.a.shape[0] or w == 0:
+            continue
+        r = int(f.rank[s])
+        y = f.b[s, :, :r].double() @ (f.a[s, :r].double() @ x[t].double())
+        if f.bias is not None and r:
+            y = y + f.bias[s].double()
+        out[t] += w * float(f.scale[s]) * y
     return out
 
 
-def per_token(rows, loras, x, base, dtype: torch.dtype, store: torch.dtype) -> torch.Tensor:
-    """Each token's lanes from its row, with the unpadded factors stored in ``store`` and the math
-    done in ``dtype``: fp32 gives ``ref32``, a low dtype gives ``torch_same_dtype``."""
-    out = base.to(dtype).clone()
-    per_row = x.shape[0] // len(rows)
-    for t in range(x.shape[0]):
-        for slot, w in rows[t // per_row]:
-            lora = loras[slot]
-            a, b = lora.a.to(store).to(dtype), lora.b.to(store).to(dtype)
-            y = b @ (a @ x[t].to(dtype))  # (N,)
-            if lora.bias is not None:
-                y = y + lora.bias.to(store).to(dtype)
-            out[t] = out[t] + torch.tensor(w * lora.scale, dtype=dtype) * y
-    return out
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("num_tokens", [1, 9, 70])
+def test_lora_delta_is_the_per_lane_sum(num_tokens, bias):
+    f = bank(33, 20, bias)
+    g = torch.Generator().manual_seed(num_tokens)
+    x, base = torch.randn(num_tokens, 33, generator=g), torch.randn(num_tokens, 20, generator=g)
+    tok, slot, weight = raw_lanes(num_tokens, seed=num_tokens)
+    lanes = build_lanes(tok, slot, weight, len(RANKS), num_tokens=num_tokens)
+    got = reference.lora_delta(x, base, f, lanes)
+    torch.testing.assert_close(got.double(), per_lane(x, base, f, tok, slot, weight), rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().max() > 1e-2
 
 
-def check(out, ref32, lowp, base, rows):
-    assert out.dtype == base.dtype and out.shape == base.shape
-    if base.dtype == torch.float32:
-        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
-    else:
-        err = (out.float() - ref32).abs()
-        bound = 2 * (lowp.float() - ref32).abs() + ATOL[base.dtype]
-        worst = (err - bound).max()
-        assert worst <= 0, f"max |op - ref32| beyond the bound by {worst.item():.3g}"
-    per_row = base.shape[0] // len(rows)
-    for i, row in enumerate(rows):
-        if not row:  # a row with no adapter is the base output, bit for bit
-            assert torch.equal(out[i * per_row:(i + 1) * per_row], base[i * per_row:(i + 1) * per_row])
+def test_shrink_then_expand_is_the_delta_in_low_precision():
+    f = bank(40, 24, bias=True)
+    f = f._replace(a=f.a.bfloat16(), b=f.b.bfloat16(), bias=f.bias.bfloat16())
+    x, base = torch.randn(12, 40).bfloat16(), torch.randn(12, 24).bfloat16()
+    lanes = build_lanes(*raw_lanes(12, seed=3), len(RANKS), num_tokens=12)
+    h = reference.lora_shrink(x, f, lanes)
+    assert h.shape == (1, lanes.num_lanes, f.a.shape[1]) and h.dtype == torch.float32
+    out = reference.lora_expand(h, base, f, lanes)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, reference.lora_delta(x, base, f, lanes))
 
 
-# -- lora_delta -------------------------------------------------------------------------------------
-
-DTYPES = [
-    (torch.float32, torch.float32),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),  # bf16 activations, fp32 adapter storage (the default)
-]
-
-
-# every popularity x shape x dtype without bias; with bias on the odd shape
-DELTA_CASES = [
-    (kind, shape, dt, False) for kind in POPULARITY for shape in [(32, 48), (129, 1000), (1000, 129)] for dt in DTYPES
-] + [(kind, (129, 1000), dt, True) for kind in POPULARITY for dt in DTYPES]
-DTYPE_IDS = {DTYPES[0]: "fp32", DTYPES[1]: "fp16", DTYPES[2]: "bf16", DTYPES[3]: "bf16-fp32bank"}
-
-
-@pytest.mark.parametrize(
-    "kind, shape, dtypes, bias", DELTA_CASES,
-    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{DTYPE_IDS[c[2]]}{'-bias' if c[3] else ''}" for c in DELTA_CASES],
-)
-def test_lora_delta(kind, shape, dtypes, bias):
-    (k, n), (dtype, store) = shape, dtypes
-    loras = make_loras(k, n, bias)
-    bank = make_bank(loras, k, n, store)
-    rows = popularity(kind, ROWS_PER_BATCH, len(loras))
-    g = torch.Generator().manual_seed(1)
-    tokens = ROWS_PER_BATCH * 3
-    x = torch.randn(tokens, k, generator=g).to(dtype)  # (T, K)
-    base = torch.randn(tokens, n, generator=g).to(dtype)  # (T, N)
-
-    out, operands = run_op(bank, rows, x, base)
-    ref32 = per_token(rows, loras, x, base, torch.float32, store)
-    # the plan and the bank give operands whose semantics are the per-token lanes
-    torch.testing.assert_close(semantics_loop(x, base, *operands), per_token(rows, loras, x, base, torch.float64, store),
-                               rtol=1e-6, atol=1e-6)
-    lowp = None if dtype == torch.float32 else per_token(rows, loras, x, base, dtype, store)
-    check(out, ref32, lowp, base, rows)
-    assert (out.float() - base.float()).abs().max() > 1e-2  # the branch is really there
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_delta_one_token_per_row(dtype):
-    """lm_head on the last position only: T == batch rows."""
-    loras = make_loras(64, 96, bias=True)
-    bank = make_bank(loras, 64, 96, dtype)
-    rows = popularity("multi-lane", ROWS_PER_BATCH, len(loras), seed=3)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(ROWS_PER_BATCH, 64, generator=g).to(dtype)
-    base = torch.randn(ROWS_PER_BATCH, 96, generator=g).to(dtype)
-    out, _ = run_op(bank, rows, x, base)
-    ref32 = per_token(rows, loras, x, base, torch.float32, dtype)
-    lowp = None if dtype == torch.float32 else per_token(rows, loras, x, base, dtype, dtype)
-    check(out, ref32, lowp, base, rows)
-
-
-def test_bank_zero_pads_past_rank_and_reuses_slots():
-    k, n = 40, 24
-    loras = make_loras(k, n, bias=True)
-    bank = make_bank(loras, k, n, torch.float32)
-    assert tuple(bank.a.shape) == (len(RANKS), max(RANKS), k) and tuple(bank.b.shape) == (len(RANKS), n, max(RANKS))
-    for slot, lora in enumerate(loras):
-        r = lora.rank
-        assert torch.equal(bank.a[slot, :r], lora.a) and torch.equal(bank.b[slot, :, :r], lora.b)
-        assert not bank.a[slot, r:].any() and not bank.b[slot, :, r:].any()
-    # slot 2 (rank 16) is freed and reused by a rank-2 adapter without bias: nothing stale may remain
-    bank.remove(2)
-    g = torch.Generator().manual_seed(5)
-    small = ModuleLora(torch.randn(2, k, generator=g), torch.randn(n, 2, generator=g), None, 2, 3.0)
-    bank.commit(bank.stage(2, small))
-    loras[2] = small
-    assert not bank.a[2, 2:].any() and not bank.b[2, :, 2:].any()
-    rows = (((2, 1.0), (3, -0.5)), ((2, 2.0),), ((1, 1.0),), ())
-    x = torch.randn(8, k, generator=g)
-    base = torch.randn(8, n, generator=g)
-    out, _ = run_op(bank, rows, x, base)
-    check(out, per_token(rows, loras, x, base, torch.float32, torch.float32), None, base, rows)
-
-
-@pytest.mark.parametrize("kind", ["distinct", "uniform", "no-adapter-rows", "multi-lane"])
-def test_scatter_by_inverse_matches_index_add(kind):
-    """Where each row is one token with exactly one lane (a decode step), the grid carries each
-    token's lane and the op scatters by a gather and a dense add; elsewhere (padding lanes, base
-    rows, several lanes, longer rows) it has none. The sums agree with the scatter-add to fp32
-    rounding, with a shared ``w · s`` or per-lane ones."""
-    k, n = 48, 40
-    loras = make_loras(k, n, bias=False)
-    bank = make_bank(loras, k, n, torch.float32)
-    rows = popularity(kind, len(loras) * 2, len(loras))
-    assert RoutingPlan(rows).grid(len(rows) * 2, bank.present, CPU).inverse is None  # two tokens per row
-    g = torch.Generator().manual_seed(3)
-    x, base = torch.randn(len(rows), k, generator=g), torch.randn(len(rows), n, generator=g)
-    grid = RoutingPlan(rows).grid(x.shape[0], bank.present, CPU)
-    assert (grid.inverse is not None) == (kind == "distinct")
-    if grid.inverse is None:
-        return
-    assert torch.equal(grid.token[grid.inverse], torch.arange(x.shape[0]))
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
-    for alpha in (None, 1.5):
-        args = (x, base, a, b, bias, grid.token, coef, False, alpha)  # with alpha, coef is not read
-        by_inverse = reference.lora_delta(*args, inverse=grid.inverse)
-        torch.testing.assert_close(by_inverse, reference.lora_delta(*args), rtol=1e-6, atol=1e-6)
-        assert (by_inverse - base).abs().max() > 1e-2
-
-
-def test_grid_strides_only_for_strided_views_of_the_tokens():
-    """A decode step's grid records ``(offset, step_d, step_m)`` exactly when lane (d, m) is token
-    ``offset + d*step_d + m*step_m``: rows grouped by adapter or interleaved with a period."""
-    def strides(rows, per_row=1):
-        return RoutingPlan(rows).grid(len(rows) * per_row, frozenset({0, 1, 2}), CPU).strides
-
-    one, two, three = ((0, 1.0),), ((1, 1.0),), ((2, 1.0),)
-    assert strides((one, one, two, two, three, three)) == (0, 2, 1)  # grouped by adapter
-    assert strides((one, two, three, one, two, three)) == (0, 1, 3)  # interleaved
-    assert strides((two, two, one, one)) is None  # the slots' blocks run backwards
-    assert strides((one, two, two, one)) is None  # a permutation, not a strided view
-    assert strides((one, one, two, two), per_row=2) is None  # not a decode step
-    assert strides((one, one, two)) is None  # unequal groups: padding lanes
-
-
-@pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
-@pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
-@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct", "uniform", "multi-lane", "bias"])
-def test_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
-    """The branch a patched layer binds for decode steps (``ops.bound_delta``), on ``(B, L, K)``
-    activations, is the op bit for bit, whether its input-only part runs before the base layer (a
-    small output) or everything runs after it (a large one); both are right per token."""
-    monkeypatch.setattr(ops, "_EARLY_ELEMENTS", 1 << 30 if early else 0)
-    k, n, batch = 48, 40, ROWS_PER_BATCH
-    loras = make_loras(k, n, bias=kind == "bias")
-    bank = make_bank(loras, k, n, torch.float32)
-    if kind.startswith("identity"):
-        rows = tuple(((2, 0.5 if kind == "identity-shared-weight" else 0.25 * (i + 1)),) for i in range(batch))
-    else:
-        # distinct: 4 adapters on 8 rows, so each token's lane is not its own index
-        rows = popularity("distinct" if kind == "bias" else kind, batch, 4 if kind in ("distinct", "bias") else len(loras))
-    g = torch.Generator().manual_seed(11)
-    x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
-    grid = RoutingPlan(rows).grid(batch * per_row, bank.present, CPU)
-    state = bank.state
-    assert (grid.inverse is not None) == (kind in ("distinct", "bias") and per_row == 1)
-    assert grid.inverse is None or not torch.equal(grid.inverse, grid.token)
-    pre, post = ops.bound_delta(bank, state, grid, x.shape)
-    got = post(pre(x), x, base.clone())
-    want = ops.lora_delta("torch", x.view(-1, k), base.view(-1, n).clone(), bank, state, grid, None)
-    assert torch.equal(got, want.view(base.shape))
-    check(got.view(-1, n), per_token(rows, loras, x.view(-1, k), base.view(-1, n), torch.float32, torch.float32),
-          None, base.view(-1, n), rows)
-
-
-@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct"])
-def test_lora_delta_inplace(kind):
-    """``inplace=True`` updates an fp32 ``base`` and returns it, with the same values as the copying
-    call, which leaves ``base`` alone; a low-precision ``base`` is never written."""
-    k, n = 48, 40
-    loras = make_loras(k, n, bias=False)
-    bank = make_bank(loras, k, n, torch.float32)
-    rows = popularity("distinct", 4, len(loras)) if kind == "distinct" else ((((2, 0.5),),) * 4)
-    g = torch.Generator().manual_seed(7)
-    x, base = torch.randn(8, k, generator=g), torch.randn(8, n, generator=g)
-    grid = RoutingPlan(rows).grid(8, bank.present, CPU)
-    assert grid.identity == (kind != "distinct")
-    a, b, bias, coef = bank.operands(grid.slots, grid.weight)
-    alpha = 0.5 * SCALES[2] if kind == "identity-shared-weight" else None
-    args = (a, b, bias, grid.token, coef, grid.identity, alpha)
-    kept = base.clone()
-    copied = reference.lora_delta(x, base, *args)
-    assert torch.equal(base, kept) and copied.data_ptr() != base.data_ptr()
-    updated = reference.lora_delta(x, base, *args, inplace=True)
-    assert updated is base
-    torch.testing.assert_close(updated, copied, rtol=0, atol=0)
-    check(copied, per_token(rows, loras, x, kept, torch.float32, torch.float32), None, kept, rows)
-    low = kept.bfloat16()
-    low_kept = low.clone()
-    assert reference.lora_delta(x, low, *args, inplace=True).dtype == torch.bfloat16
-    assert torch.equal(low, low_kept)
-
-
-class _CountOps(TorchFunctionMode):
-    """Counts the torch calls made inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_op_count_does_not_grow_with_distinct_adapters():
-    k, n = 32, 16
-    bank = make_bank(make_loras(k, n, bias=True), k, n, torch.float32)
-    x, base = torch.randn(16, k), torch.randn(16, n)
-    counts = []
-    for distinct in (2, 4, 8):
-        rows = tuple(((i % distinct, 1.0),) for i in range(8))
-        plan = RoutingPlan(rows)
-        grid = plan.grid(16, bank.present, CPU)
-        a, b, bias, coef = bank.operands(grid.slots, grid.weight)
-        with _CountOps() as mode:
-            reference.lora_delta(x, base, a, b, bias, grid.token, coef, grid.identity)
-        counts.append(mode.count)
-    assert len(set(counts)) == 1, counts
-
-
-# -- lora_embedding_delta ------------------------------------------------------------------------------
-
-
-def emb_per_token(rows, loras, ids, base, dtype, store, embed_scale) -> torch.Tensor:
-    out = base.to(dtype).clone()
-    per_row = ids.shape[0] // len(rows)
-    for t in range(ids.shape[0]):
-        for slot, w in rows[t // per_row]:
-            lora = loras[slot]
-            a, b = lora.a.to(store).to(dtype), lora.b.to(store).to(dtype)
-            y = b @ a[:, int(ids[t])]  # (N,)
-            y = torch.tensor(w * lora.scale, dtype=dtype) * y
-            if embed_scale is not None:
-                y = y * (embed_scale.to(dtype) if torch.is_tensor(embed_scale) else embed_scale)
-            out[t] = out[t] + y
-    return out
-
-
-def emb_semantics_loop(ids, base, a, b, token, coef, embed_scale) -> torch.Tensor:
-    """The ``Semantics:`` block of ``lora_embedding_delta``, in fp32 (the final cast left out)."""
-    out = base.float().clone()
-    scale = 1.0 if embed_scale is None else (embed_scale.float() if torch.is_tensor(embed_scale) else embed_scale)
-    coef = coef.reshape(coef.shape[0], coef.shape[1])  # (D, M); the op also takes (D, M, 1)
-    num_slots, rows = coef.shape
-    for d in range(num_slots):
-        for m in range(rows):
-            t = int(token[d * rows + m])
-            y = b[d].float() @ a[d, :, int(ids[t])].float()  # (N,)
-            out[t] += coef[d, m] * y * scale
-    return out
-
-
-EMBED_SCALES = {"none": None, "float": math.sqrt(32.0), "tensor": torch.tensor(math.sqrt(32.0))}
-
-
-EMB_KINDS = ["distinct", "zipf", "identical", "no-adapter-rows", "multi-lane"]
-EMB_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# every popularity x shape x dtype without embed_scale; embed_scale (float, tensor) on the small shape
-EMB_CASES = [
-    (kind, shape, dt, "none") for kind in EMB_KINDS for shape in [(96, 32), (1000, 129)] for dt in EMB_DTYPES
-] + [(kind, (96, 32), dt, es) for kind in EMB_KINDS for dt in EMB_DTYPES for es in ("float", "tensor")]
-
-
-@pytest.mark.parametrize(
-    "kind, shape, dtype_name, embed_scale", EMB_CASES,
-    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}-scale_{c[3]}" for c in EMB_CASES],
-)
-def test_lora_embedding_delta(kind, shape, dtype_name, embed_scale):
-    (vocab, dim), dtype = shape, EMB_DTYPES[dtype_name]
-    scale = EMBED_SCALES[embed_scale]
-    g = torch.Generator().manual_seed(4)
-    loras = []
-    for r, s in zip(RANKS, SCALES):
-        a = torch.randn(r, vocab, generator=g)  # (r, V)
-        b = torch.randn(dim, r, generator=g) / math.sqrt(r)  # (N, r)
-        loras.append(ModuleLora(a, b, None, r, s))
-    bank = make_bank(loras, vocab, dim, dtype)
-    rows = popularity(kind, ROWS_PER_BATCH, len(loras), seed=6)
-    tokens = ROWS_PER_BATCH * 3
-    ids = torch.randint(0, vocab, (tokens,), generator=g)
-    base = torch.randn(tokens, dim, generator=g).to(dtype)
-
-    grid = RoutingPlan(rows).grid(tokens, bank.present, CPU)
-    a, b, _, coef = bank.operands(grid.slots, grid.weight)
-    out = reference.lora_embedding_delta(ids, base, a, b, grid.token, coef, scale)
-
-    ref32 = emb_per_token(rows, loras, ids, base, torch.float32, dtype, scale)
-    semantics = emb_semantics_loop(ids, base, a, b, grid.token, coef, scale)
-    torch.testing.assert_close(semantics, ref32, rtol=1e-5, atol=1e-5)
-    lowp = None if dtype == torch.float32 else emb_per_token(rows, loras, ids, base, dtype, dtype, scale)
-    check(out, ref32, lowp, base, rows)
-    assert (out.float() - base.float()).abs().max() > 1e-2
+def test_embedding_is_the_per_lane_sum():
+    f = bank(50, 16, bias=False)
+    f = f._replace(a=f.a * 7.0)
+    ids = torch.randint(0, 50, (9,), generator=torch.Generator().manual_seed(1))
+    base = torch.randn(9, 16)
+    tok, slot, weight = raw_lanes(9, seed=4)
+    lanes = build_lanes(tok, slot, weight, len(RANKS), num_tokens=9)
+    got = reference.lora_embedding_delta(ids, base, f, lanes, embed_scale=2.0)
+    onehot = torch.nn.functional.one_hot(ids, 50).double()  # (T, V): the embedding as a product
+    want = per_lane(onehot, base, f._replace(a=f.a * 2.0), tok, slot, weight)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 """Routing: SPEC forms, broadcast and per-row SPECs, expansion, and the token-level lane grid.
 
-Unit tests pin ``resolve_spec`` / ``Spec.expand`` / ``RoutingPlan.grid`` against hand-written
-expectations; the grid is read back as a set of ``(token, slot) -> weight`` lanes, so the checks
-hold whatever the padding layout. Model-level tests compare with PEFT: its ``adapter_names`` mixed
+Unit tests pin ``resolve_spec`` / ``RoutingPlan.from_rows`` / the torch backend's grid against
+hand-written expectations; the grid is read back as a set of ``(token, slot) -> weight`` lanes, so
+the checks hold whatever the padding layout. Model-level tests compare with PEFT: its ``adapter_names`` mixed
 batch where PEFT supports it, and per-row PEFT forwards where it does not (OPT flattens tokens
 before fc1/fc2, and ``num_return_sequences`` expands the batch).
 """
@@ -17,6 +17,7 @@ import torch
 
 import lora_graph
 from helpers import VOCAB, copy_adapter, edit_adapter_config, peft_oracle, save_adapter, targets, tiny_model
+from lora_graph.backends.torch import build_grid
 from lora_graph.routing import RoutingPlan, Spec, resolve_spec, spec_from_adapter_names
 
 KNOWN = {"a": 0, "b": 1, "c": 2}
@@ -27,25 +28,25 @@ TOL = 1e-4
 
 
 @pytest.mark.parametrize(
-    "spec, rows, per_row",
+    "spec, rows, broadcast",
     [
-        (None, ((),), False),
-        ("a", ((("a", 1.0),),), False),
-        ("__base__", ((),), False),
-        ({"b": 0.5, "a": 2}, ((("a", 2.0), ("b", 0.5)),), False),
-        ({"a": -1.25}, ((("a", -1.25),),), False),
-        ({"a": torch.tensor(0.5)}, ((("a", 0.5),),), False),
-        ({}, ((),), False),
-        ({"a": 0.0, "b": 1.0}, ((("b", 1.0),),), False),  # zero-weight lanes are dropped
-        ({"a": 0}, ((),), False),
-        (["a", None, "__base__", {"c": 3, "a": 0.0}], ((("a", 1.0),), (), (), (("c", 3.0),)), True),
-        (("b",), ((("b", 1.0),),), True),
+        (None, ((),), True),
+        ("a", ((("a", 1.0),),), True),
+        ("__base__", ((),), True),
+        ({"b": 0.5, "a": 2}, ((("a", 2.0), ("b", 0.5)),), True),
+        ({"a": -1.25}, ((("a", -1.25),),), True),
+        ({"a": torch.tensor(0.5)}, ((("a", 0.5),),), True),
+        ({}, ((),), True),
+        ({"a": 0.0, "b": 1.0}, ((("b", 1.0),),), True),  # zero-weight lanes are dropped
+        ({"a": 0}, ((),), True),
+        (["a", None, "__base__", {"c": 3, "a": 0.0}], ((("a", 1.0),), (), (), (("c", 3.0),)), False),
+        (("b",), ((("b", 1.0),),), False),
     ],
     ids=["none", "name", "base-name", "mapping", "negative", "tensor-weight", "empty-mapping", "zero-dropped",
          "all-zero", "list", "tuple"],
 )
-def test_resolve_spec_forms(spec, rows, per_row):
-    assert resolve_spec(spec, KNOWN) == Spec(rows, per_row)
+def test_resolve_spec_forms(spec, rows, broadcast):
+    assert resolve_spec(spec, KNOWN) == Spec(rows, broadcast)
 
 
 @pytest.mark.parametrize(
@@ -59,26 +60,37 @@ def test_any_real_number_is_a_weight(weight):
 
 def test_adapter_names_are_a_spec_list():
     assert spec_from_adapter_names(["a", "__base__", "b"]) == ["a", None, "b"]
-    assert resolve_spec(spec_from_adapter_names(["__base__", "c"]), KNOWN) == Spec(((), (("c", 1.0),)), True)
+    assert resolve_spec(spec_from_adapter_names(["__base__", "c"]), KNOWN) == Spec(((), (("c", 1.0),)), False)
     with pytest.raises(TypeError):
         spec_from_adapter_names("a")
 
 
+def expand(spec: Spec, rows: int):
+    return RoutingPlan.from_rows(spec, rows).sets
+
+
 def test_broadcast_and_per_row_expansion():
     broadcast = resolve_spec({"a": 0.5}, KNOWN)
-    assert broadcast.expand(3) == ((("a", 0.5),),) * 3
+    assert expand(broadcast, 3) == ((("a", 0.5),),) * 3
     rows = resolve_spec(["a", None, "b"], KNOWN)
-    assert rows.expand(3) == ((("a", 1.0),), (), (("b", 1.0),))
+    assert expand(rows, 3) == ((("a", 1.0),), (), (("b", 1.0),))
     # generate() expands rows in place (beams, num_return_sequences): each row's SPEC follows it
-    assert rows.expand(6) == ((("a", 1.0),), (("a", 1.0),), (), (), (("b", 1.0),), (("b", 1.0),))
+    assert expand(rows, 6) == ((("a", 1.0),), (("a", 1.0),), (), (), (("b", 1.0),), (("b", 1.0),))
     single = resolve_spec(["c"], KNOWN)
-    assert single.expand(4) == ((("c", 1.0),),) * 4
+    assert expand(single, 4) == ((("c", 1.0),),) * 4
     for batch in (2, 4, 5):
         with pytest.raises(ValueError, match=rf"\b3\b.*\b{batch}\b"):
-            rows.expand(batch)
+            expand(rows, batch)
+    assert RoutingPlan.from_rows(resolve_spec([None, "__base__"], KNOWN), 2) is None  # nothing to add
 
 
-# -- RoutingPlan.grid ---------------------------------------------------------------------------------
+# -- the torch backend's grid ---------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def grid_of(rows, num_tokens: int, present):
+    return build_grid(RoutingPlan(rows), num_tokens, frozenset(present), CPU)
 
 
 def lanes_of(grid, num_tokens: int) -> dict[tuple[int, int], float]:
@@ -115,19 +127,17 @@ ROWS = (((0, 1.0),), (), ((0, 0.5), (1, -2.0)), ((2, 1.5),), ((1, 1.0),))
 @pytest.mark.parametrize("per_row", [1, 3, 7])  # lm_head on the last position, (B, L, K), flattened (B*L, K)
 @pytest.mark.parametrize("present", [frozenset({0, 1, 2}), frozenset({1}), frozenset({0, 2, 9})])
 def test_grid_is_token_level(per_row, present):
-    plan = RoutingPlan(ROWS)
     num_tokens = len(ROWS) * per_row
-    grid = plan.grid(num_tokens, present, torch.device("cpu"))
+    grid = grid_of(ROWS, num_tokens, present)
     expected = expected_lanes(ROWS, num_tokens, present)
     assert lanes_of(grid, num_tokens) == expected
     assert set(grid.slots) == {slot for _, slot in expected}
     assert not grid.identity
-    assert plan.grid(num_tokens, present, torch.device("cpu")) is grid  # shared by every layer of a forward
 
 
 def test_grid_identity_only_when_exact():
     rows = (((4, 2.0),),) * 3
-    grid = RoutingPlan(rows).grid(6, frozenset({4}), torch.device("cpu"))
+    grid = grid_of(rows, 6, {4})
     assert grid.identity and torch.equal(grid.token, torch.arange(6))
     assert torch.equal(grid.weight, torch.full((1, 6), 2.0))
     not_identity = [
@@ -135,22 +145,22 @@ def test_grid_identity_only_when_exact():
         (((4, 2.0),), ((4, 2.0), (5, 1.0)), ((4, 2.0),)),  # a row with two lanes
     ]
     for rows in not_identity:
-        grid = RoutingPlan(rows).grid(6, frozenset({4, 5}), torch.device("cpu"))
+        grid = grid_of(rows, 6, {4, 5})
         assert not grid.identity
         assert lanes_of(grid, 6) == expected_lanes(rows, 6, {4, 5})
     # the layer holds only slot 4: rows using slot 5 too still need a gather, rows without it none
-    grid = RoutingPlan(not_identity[1]).grid(6, frozenset({4}), torch.device("cpu"))
+    grid = grid_of(not_identity[1], 6, {4})
     assert grid.identity and torch.equal(grid.token, torch.arange(6))
 
 
 def test_grid_none_when_no_token_uses_the_layer():
-    assert RoutingPlan(ROWS).grid(10, frozenset({7}), torch.device("cpu")) is None
-    assert RoutingPlan(((), ())).grid(4, frozenset({0}), torch.device("cpu")) is None
+    assert grid_of(ROWS, 10, {7}) is None
+    assert grid_of(((), ()), 4, {0}) is None
 
 
 def test_grid_rejects_uneven_tokens():
     with pytest.raises(ValueError, match=r"\b7\b.*\b5\b"):
-        RoutingPlan(ROWS).grid(7, frozenset({0}), torch.device("cpu"))
+        grid_of(ROWS, 7, {0})
 
 
 # -- model level, against PEFT -------------------------------------------------------------------------

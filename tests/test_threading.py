@@ -295,7 +295,7 @@ def test_load_committed_while_a_forward_reads_the_bank(pristine, old_new, monkey
 
     def index_select(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self is bank.a and not interleaved:
+        if self is bank.factors.a and not interleaved:
             interleaved.append(True)
             loader = Worker(lambda: lm.load_adapter("big", old_new["big"]))
             loader.start()

@@ -1,0 +1,420 @@
+"""The torch backend: lanes grouped by adapter, two batched GEMMs per layer. The CPU path.
+
+    plan ──grid(T, present)──> Grid: the lanes of the slots a layer holds, one row per slot, padded to (D, M)
+    bank state ──gather──> the used slots' factors, cut to their largest rank
+    branch = (pre, post) bound to both; a decode step reuses it
+
+Per layer the grid gives, whatever the number of distinct adapters D, one gather of ``x`` into
+``(D, M, K)``, a ``bmm`` through A, a ``bmm`` through B and one scatter back: the op count does not
+grow with D, and each token multiplies only by its own adapters' factors. Padding lanes carry weight
+0. Cost follows the padded rank (the largest among the used slots); kernels/ bounds each slot's loop
+by its real rank instead.
+
+The specification is kernels/reference.py (plain loops over the bank and the kernels' lanes); the
+tests hold this path to it. What makes this path fast on a CPU, where every torch call between two
+base GEMMs costs 10-20 µs inside a real forward:
+- the branch is bound once per layer, bank state and input shape, and reused by the next forward
+  with the same request and shape (a decode step), skipping the routing lookups;
+- what needs only the input (gather, shrink, and with several adapters the expand) runs before the
+  base layer; only the add into its output runs after it, in place;
+- a grid whose lanes share one ``w·s`` passes it as the add's ``alpha``: no separate multiply;
+- one adapter for every token, in order (``identity``), is two plain GEMMs;
+- a decode step whose lanes are a permutation of the tokens gathers back instead of scattering,
+  and one whose lanes are a strided view of the tokens (rows grouped by adapter, or interleaved
+  with a fixed period) reads and writes through ``as_strided`` views with no gather at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..routing import upload
+from .base import Backend, Layout
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    # a no-op .float() still costs a dispatcher call; this path is per layer
+    return t if t.dtype == torch.float32 else t.float()
+
+
+# -- the grid -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The lanes of one forward for one set of slots, grouped by slot and padded to ``(D, M)``."""
+
+    slots: tuple[int, ...]  # (D,) distinct slots, in lane-group order
+    token: torch.Tensor  # (D*M,) int64, the token of each lane; padding lanes point at token 0
+    weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
+    identity: bool  # token == arange(T): one slot, one lane per token, in order
+    uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
+    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per segment, each with one lane
+    # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
+    # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
+    strides: tuple[int, int, int] | None = None
+
+
+def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
+    """The grid of ``plan`` for a layer that sees ``num_tokens`` tokens and holds the slots
+    ``present``; None when no token of the forward uses any of them."""
+    lengths = plan.segment_lengths(num_tokens)
+    used = {slot for seg, lanes in enumerate(plan.sets) if lengths[seg] for slot, _ in lanes if slot in present}
+    if not used:
+        return None
+    slots = tuple(s for s in plan.order if s in used) if plan.order else tuple(sorted(used))
+    group = {s: d for d, s in enumerate(slots)}
+    # (segment, group, weight) of every lane the layer computes, grouped by slot, segments in order
+    lanes = sorted(((seg, group[s], w) for seg, ws in enumerate(plan.sets) if lengths[seg] for s, w in ws if s in used),
+                   key=lambda lane: lane[1])
+    seg = torch.tensor([lane[0] for lane in lanes])  # (n,)
+    grp = torch.tensor([lane[1] for lane in lanes])  # (n,)
+    lane_w = torch.tensor([lane[2] for lane in lanes], dtype=torch.float32)  # (n,)
+    seg_len = torch.tensor(lengths)  # (G,)
+    count = seg_len[seg]  # (n,) tokens of each lane's segment
+    first = seg_len.cumsum(0)[seg] - count  # (n,) its first token
+    total = int(count.sum())
+    of = torch.repeat_interleave(torch.arange(len(lanes)), count)  # (total,) the lane of each flat entry
+    tok = first[of] + torch.arange(total) - (count.cumsum(0) - count)[of]  # (total,)
+    per_slot = torch.zeros(len(slots), dtype=torch.int64).index_add_(0, grp, count)  # (D,)
+    width = int(per_slot.max())
+    pos = torch.arange(total) - (per_slot.cumsum(0) - per_slot)[grp[of]]  # (total,) place in the slot's row
+    token = torch.zeros(len(slots), width, dtype=torch.int64)  # (D, M)
+    weight = torch.zeros(len(slots), width, dtype=torch.float32)  # (D, M)
+    token[grp[of], pos] = tok
+    weight[grp[of], pos] = lane_w[of]
+    token = token.view(-1)  # (D*M,)
+    identity = len(slots) == 1 and width == num_tokens and torch.equal(token, torch.arange(num_tokens))
+    weights = set(lane_w.tolist())
+    uniform = weights.pop() if len(weights) == 1 and bool((per_slot == width).all()) else None
+    inverse = strides = None
+    # one token per segment (a decode step) whose lanes are a permutation of the tokens: a gather
+    # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
+    # as it reads the branch output once instead of twice
+    if not identity and all(n == 1 for n in lengths) and token.numel() == num_tokens:
+        ordered, lane = torch.sort(token)
+        if torch.equal(ordered, torch.arange(num_tokens)):
+            inverse = upload(lane, device)
+            strides = _strides(token.view(len(slots), width))
+    return Grid(slots, upload(token, device), upload(weight, device), identity, uniform, inverse, strides)
+
+
+def _strides(token: torch.Tensor) -> tuple[int, int, int] | None:
+    """``(offset, step_d, step_m)`` when ``token[d, m] == offset + d*step_d + m*step_m`` with
+    non-negative steps (a strided view of the tokens), else None."""
+    num_slots, width = token.shape
+    offset = int(token[0, 0])
+    step_d = int(token[1, 0]) - offset if num_slots > 1 else 0
+    step_m = int(token[0, 1]) - offset if width > 1 else 0
+    if step_d < 0 or step_m < 0:
+        return None
+    affine = offset + torch.arange(num_slots).view(-1, 1) * step_d + torch.arange(width) * step_m
+    return (offset, step_d, step_m) if torch.equal(affine, token) else None
+
+
+# -- operands ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Operands:
+    """A grid's factors and coefficients, gathered from one bank state."""
+
+    a: torch.Tensor  # (D, r, K), r the largest rank among the slots
+    b: torch.Tensor  # (D, N, r)
+    bias: torch.Tensor | None  # (D, N)
+    coef: torch.Tensor  # (D, M, 1) fp32, w · s of each lane (0 on padding)
+    shared_coef: float | None  # the one w · s every lane shares, when they all do and none is padding
+
+
+def gather(state, slots: tuple[int, ...], device: torch.device):
+    """``(a, b, bias, scale)`` of ``slots`` from a bank state, cut to their largest rank (so the
+    bits of a result never depend on which other adapters were loaded before)."""
+    factors = state.factors
+    r = max(state.rank[s] for s in slots)
+    idx = torch.tensor(slots, dtype=torch.int64, device=device)
+    # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as Aᵀ
+    # (D, K, r): the batched GEMMs then read row-major operands, which is faster on CPU. One slot
+    # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
+    a = factors.a.index_select(0, idx)[:, :r]
+    a = a.contiguous() if len(slots) == 1 else a.transpose(1, 2).contiguous().transpose(1, 2)
+    b = factors.b.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous().transpose(1, 2)
+    bias = None
+    if factors.bias is not None and state.with_bias.intersection(slots):
+        bias = factors.bias.index_select(0, idx)  # (D, N)
+    scale = torch.tensor([state.scale[s] for s in slots], dtype=torch.float32, device=device)
+    return a, b, bias, scale
+
+
+def operands(gathered, state, grid: Grid) -> Operands:
+    a, b, bias, scale = gathered
+    coef = (grid.weight * scale.unsqueeze(-1)).unsqueeze(-1)  # (D, M, 1)
+    shared = None
+    if grid.uniform is not None:
+        scales = {state.scale[s] for s in grid.slots}
+        if len(scales) == 1:
+            shared = grid.uniform * scales.pop()
+    return Operands(a, b, bias, coef, shared)
+
+
+# -- the grouped ops ----------------------------------------------------------------------------------
+
+
+def grouped_delta(x: torch.Tensor, base: torch.Tensor, ops: Operands, grid: Grid, inplace: bool = False) -> torch.Tensor:
+    """Add the LoRA branch of every lane of ``grid`` to ``base`` (``(T, N)``) and return it in
+    ``base.dtype``; ``x`` is ``(T, K)``. With ``inplace`` an fp32 ``base`` is updated and returned
+    rather than copied (other dtypes are accumulated in an fp32 copy anyway).
+
+    Semantics::
+
+        out = base.float()
+        for d in range(D):
+            for m in range(M):
+                t = grid.token[d * M + m]
+                h = ops.a[d].float() @ x[t].float()               # (R,)
+                y = ops.b[d].float() @ h                          # (N,)
+                if ops.bias is not None:
+                    y = y + ops.bias[d].float()
+                out[t] += ops.coef[d, m] * y
+        return out.to(base.dtype)
+
+    Accumulation is fp32 and the result is rounded to the base dtype once, as PEFT does with its
+    default fp32 adapter weights; the coefficient multiplies ``B(Ax) + b``, in PEFT's order.
+    """
+    a, b, bias, coef, shared = ops.a, ops.b, ops.bias, ops.coef, ops.shared_coef
+    num_slots, _, k = a.shape
+    n, rows = b.shape[1], coef.shape[1]
+    out = base if inplace and base.dtype == torch.float32 else base.to(torch.float32, copy=True)
+    if grid.identity and bias is None and shared is not None:
+        # one slot, every token in order with one shared w·s: two plain GEMMs, the second one
+        # accumulating straight into the output
+        h = torch.mm(_f32(x), _f32(a[0]).t())  # (T, R)
+        out = out.addmm_(h, _f32(b[0]).t(), alpha=shared)  # (T, N)
+    else:
+        xs = x if grid.identity else x.index_select(0, grid.token)  # (D*M, K)
+        h = torch.bmm(_f32(xs).view(num_slots, rows, k), _f32(a).transpose(1, 2))  # (D, M, R)
+        y = torch.bmm(h, _f32(b).transpose(1, 2))  # (D, M, N)
+        if bias is not None:
+            y.add_(_f32(bias).unsqueeze(1))
+        if shared is None:
+            y.mul_(coef)
+        y = y.view(num_slots * rows, n)  # (D*M, N)
+        c = 1.0 if shared is None else shared
+        if grid.identity:
+            out = out.add_(y, alpha=c)
+        elif grid.inverse is not None:
+            out = out.add_(y.index_select(0, grid.inverse), alpha=c)
+        else:
+            out = out.index_add_(0, grid.token, y, alpha=c)
+    return out if out.dtype == base.dtype else out.to(base.dtype)
+
+
+def grouped_embedding_delta(ids: torch.Tensor, base: torch.Tensor, ops: Operands, grid: Grid,
+                            embed_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Embedding LoRA of every lane added to ``base``; A (``(D, R, V)``) is gathered at each
+    lane's token id instead of multiplied, then scaled by the embedding's ``embed_scale`` (Gemma)
+    as PEFT does.
+
+    Semantics::
+
+        out = base.float()
+        for d, m:
+            t = grid.token[d * M + m]
+            y = ops.b[d].float() @ ops.a[d, :, ids[t]].float()        # (N,)
+            out[t] += ops.coef[d, m] * y * embed_scale
+        return out.to(base.dtype)
+    """
+    a, b, coef = ops.a, ops.b, ops.coef
+    num_slots, r, _ = a.shape
+    n, rows = b.shape[1], coef.shape[1]
+    lane_ids = ids.index_select(0, grid.token).view(num_slots, 1, rows).expand(num_slots, r, rows)
+    h = torch.gather(a, 2, lane_ids).float().transpose(1, 2)  # (D, M, R)
+    y = torch.bmm(h, _f32(b).transpose(1, 2))  # (D, M, N)
+    y = (y * coef).view(num_slots * rows, n)  # (D*M, N)
+    if embed_scale is not None:
+        scale = embed_scale.float() if torch.is_tensor(embed_scale) else float(embed_scale)
+        y = y * scale
+    return base.float().index_add(0, grid.token, y).to(base.dtype)
+
+
+# -- binding a layer's branch ---------------------------------------------------------------------------
+
+# The largest mixed-batch branch output (elements) computed before the base layer: a decode step's.
+# A prefill's would be evicted by the base GEMM and read back from memory (measured slower).
+_EARLY_ELEMENTS = 1 << 18
+
+
+def _no_pre(x):
+    return None
+
+
+def bind(ops: Operands, grid: Grid, shape: torch.Size):
+    """:func:`grouped_delta` for one grid and input shape with everything but the activations
+    bound, as ``(pre, post)``. The fast forms below run :func:`grouped_delta`'s own ops in its own
+    order, on ready operands, so they are bit for bit the same; any input they do not expect (a
+    dtype, a non-contiguous output, autograd) takes :func:`grouped_delta` itself."""
+    num_tokens, k = math.prod(shape[:-1]), shape[-1]
+
+    def delta(x, base):
+        inplace = not base.requires_grad
+        out = grouped_delta(x.reshape(num_tokens, k), base.reshape(num_tokens, -1), ops, grid, inplace=inplace)
+        return out.view(base.shape)
+
+    def unsplit(_, x, base):
+        return delta(x, base)
+
+    if ops.bias is not None or (grid.identity and ops.shared_coef is None):
+        return _no_pre, unsplit
+    if grid.identity:
+        return _bind_identity(ops, num_tokens, k, delta)
+    pre, post = _bind_grouped(ops, grid, shape, num_tokens, k, delta)
+    if ops.coef.shape[0] * ops.coef.shape[1] * ops.b.shape[1] <= _EARLY_ELEMENTS:
+        return pre, post
+
+    def after(_, x, base):  # a branch output this large would be evicted by the base GEMM
+        return post(pre(x), x, base)
+
+    return _no_pre, after
+
+
+def _bind_identity(ops: Operands, num_tokens: int, k: int, delta):
+    """One adapter for every token, with one weight: two GEMMs, the second into the output."""
+    at, bt = ops.a[0].float().t(), ops.b[0].float().t()  # (K, R), (R, N)
+    shared = ops.shared_coef
+
+    def shrink(x):
+        return torch.mm(x.view(num_tokens, k), at) if x.dtype == torch.float32 else None
+
+    def expand(h, x, base):
+        if h is None or base.dtype != torch.float32 or not base.is_contiguous() or base.requires_grad:
+            return delta(x, base)
+        base.view(num_tokens, -1).addmm_(h, bt, alpha=shared)
+        return base
+
+    return shrink, expand
+
+
+def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int, k: int, delta):
+    """Several slots (or one slot on some tokens): gather, two ``bmm``s, and a scatter, a gather
+    back (``inverse``) or a strided add (``strides``) into the output."""
+    num_slots, rows = ops.coef.shape[0], ops.coef.shape[1]
+    at, bt = ops.a.float().transpose(1, 2), ops.b.float().transpose(1, 2)  # (D, K, R), (D, R, N)
+    coef, c = ops.coef, 1.0 if ops.shared_coef is None else ops.shared_coef
+    scaled = ops.shared_coef is None
+    flat = shape[0] == num_tokens  # a (T, K) input, or one token per row: gather and scatter on dim 0
+
+    def ready(x, base):
+        return base.dtype == torch.float32 and not base.requires_grad and (flat or base.is_contiguous())
+
+    if grid.strides is not None and flat:
+        offset, step_d, step_m = grid.strides  # the lanes are a strided view of the tokens
+
+        def grouped(x):
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                return None
+            xs = x.as_strided((num_slots, rows, k), (step_d * k, step_m * k, 1), x.storage_offset() + offset * k)
+            y = torch.bmm(torch.bmm(xs, at), bt)  # (D, M, N)
+            return y.mul_(coef) if scaled else y
+
+        def scatter(y, x, base):
+            if y is None or not ready(x, base) or not base.is_contiguous():
+                return delta(x, base)
+            n = base.shape[-1]
+            out = base.as_strided((num_slots, rows, n), (step_d * n, step_m * n, 1), base.storage_offset() + offset * n)
+            out.add_(y, alpha=c)
+            return base
+
+        return grouped, scatter
+    token, inverse = grid.token, grid.inverse
+    lanes = (num_slots * rows, *shape[1:-1]) if flat else (num_slots * rows,)
+
+    def gathered(x):
+        if x.dtype != torch.float32:
+            return None
+        xs = x.index_select(0, token) if flat else x.reshape(num_tokens, k).index_select(0, token)
+        y = torch.bmm(torch.bmm(xs.view(num_slots, rows, k), at), bt)  # (D, M, N)
+        if scaled:
+            y.mul_(coef)
+        y = y.view(*lanes, -1)
+        return y if inverse is None else y.index_select(0, inverse)  # back in token order
+
+    def scattered(y, x, base):
+        if y is None or not ready(x, base):
+            return delta(x, base)
+        out = base if flat else base.view(num_tokens, -1)
+        if inverse is None:
+            out.index_add_(0, token, y, alpha=c)
+        else:
+            out.add_(y, alpha=c)
+        return base
+
+    return gathered, scattered
+
+
+# -- the backend ----------------------------------------------------------------------------------------
+
+
+class TorchLayout(Layout):
+    """Grids by (token count, slots held, device), and each layer's gathered factors."""
+
+    def __init__(self, plan) -> None:
+        super().__init__(plan)
+        self._grids: dict = {}
+        self._gathered: dict = {}  # layer -> (slots, state, gathered)
+
+    def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
+        key = (num_tokens, present, device)
+        try:
+            return self._grids[key]
+        except KeyError:
+            grid = self._grids[key] = build_grid(self.plan, num_tokens, present, device)
+            return grid
+
+    def operands(self, layer, state, grid: Grid) -> Operands:
+        entry = self._gathered.get(layer)
+        if entry is None or entry[0] != grid.slots or entry[1] is not state:
+            entry = self._gathered[layer] = (grid.slots, state, gather(state, grid.slots, layer.bank.device))
+        return operands(entry[2], state, grid)
+
+    def bind(self, layer, state, x: torch.Tensor):
+        grid = self.grid(x.numel() // x.shape[-1] if x.shape[-1] else 0, state.present, x.device)
+        if grid is None:
+            return None
+        return bind(self.operands(layer, state, grid), grid, x.shape)
+
+    def embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        state = layer.bank.state
+        if not state.present:
+            return out
+        num_tokens = ids.numel()
+        grid = self.grid(num_tokens, state.present, out.device)
+        if grid is None:
+            return out
+        y = grouped_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1),  # (T,), (T, N)
+                                    self.operands(layer, state, grid), grid, getattr(layer.base_layer, "embed_scale", None))
+        return y.view(out.shape)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def prepare(self, plan) -> TorchLayout:
+        return TorchLayout(plan)
+
+    def traced_inputs(self, layout, token_counts, bank_sizes, device, buffers):
+        return None  # traced layers run the eager branch (routing is Python data)
+
+    # Under torch.compile the branch stays outside the graph: new adapters, weights or mixtures
+    # never trigger a recompilation.
+    @torch.compiler.disable
+    def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        layout = layer.router.current(x)
+        bound = None if layout is None else layout.branch(layer, x)
+        return out if bound is None else bound[1](bound[0](x), x, out)
+
+    @torch.compiler.disable
+    def traced_embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        layout = layer.router.current(ids, ids=True)
+        return out if layout is None else layout.embedding(layer, ids, out)

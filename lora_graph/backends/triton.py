@@ -1,0 +1,160 @@
+"""The triton backend: the grouped-GEMM kernels of lora_graph.kernels over the whole bank.
+
+    plan ──lanes(T, S)──> Lanes: every (token, slot, weight) of the forward, sorted and chunked, for banks of S slots
+    layer: out = triton_ops.lora_delta(x, out, bank.factors, lanes, inplace=True)   (one shrink, one expand)
+
+One lane layout serves every layer of a forward that sees ``T`` tokens and whose bank has ``S``
+slots: it covers every slot the request uses, and a slot a module does not hold has rank 0 there
+and adds nothing. So the layout is built once per forward shape, not per layer, and layers traced
+into a compiled graph can take it as a graph input.
+
+**Compiled forwards.** Under torch.compile a patched layer is traced: the graph holds the registered
+kernel op, whose inputs are the bank's ``factors`` (fixed addresses while the bank does not grow)
+and the forward's lanes. The top-level hook publishes those lanes per thread (``traced_inputs``),
+for the forward's token count and one token per row (``lm_head`` on the last position), and for
+each bank size. They are copied into buffers that stay at fixed addresses per thread and shape, as
+vLLM's ``LoRAKernelMeta`` does, so CUDA graphs replay each forward's routing in place. Rows get a
+power of two of passes, so mixtures of other sizes mostly keep the shapes; a forward without
+adapters publishes ``()``, and traced layers then return the base output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import triton_ops
+from ..kernels.lanes import Lanes
+from .base import Backend, Layout
+
+
+def _fixed(lanes: Lanes, buffers: dict, key) -> Lanes:
+    """``lanes`` copied into this thread's buffers for ``key``, allocated once at fixed addresses."""
+    held = buffers.get(key)
+    if held is None or held[0] is not lanes:
+        kept = held[1] if held is not None else None
+        if kept is None:
+            kept = Lanes(*(t.clone() for t in lanes[:5]), lanes.block_m)
+            if kept.token.is_cuda:
+                for t in kept[:5]:
+                    torch._dynamo.mark_static_address(t)
+        else:
+            torch._foreach_copy_(list(kept[:5]), list(lanes[:5]))
+        buffers[key] = (lanes, kept)
+        return kept
+    return held[1]
+
+
+class TritonLayout(Layout):
+    """Lanes by (token count, bank size, device)."""
+
+    def __init__(self, plan) -> None:
+        super().__init__(plan)
+        self._lanes: dict = {}
+
+    def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
+        key = (num_tokens, num_slots, device)
+        try:
+            return self._lanes[key]
+        except KeyError:
+            lanes = self._lanes[key] = self.plan.lanes(num_tokens, num_slots, device)
+            return lanes
+
+    def bind(self, layer, state, x: torch.Tensor):
+        k = x.shape[-1]
+        num_tokens = x.numel() // k if k else 0
+        lanes = self.lanes(num_tokens, state.factors.num_slots, x.device)
+        factors = state.factors
+
+        def post(_, x, out):
+            inplace = not out.requires_grad
+            y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes,
+                                      inplace=inplace)
+            return out if inplace else y.view(out.shape)
+
+        return _no_pre, post
+
+    def embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        state = layer.bank.state
+        if not state.present:
+            return out
+        num_tokens = ids.numel()
+        lanes = self.lanes(num_tokens, state.factors.num_slots, out.device)
+        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), state.factors,
+                                            lanes, getattr(layer.base_layer, "embed_scale", None))
+        return y.view(out.shape)
+
+
+def _no_pre(x):
+    return None
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def prepare(self, plan) -> TritonLayout:
+        return TritonLayout(plan)
+
+    def traced_inputs(self, layout, token_counts, bank_sizes, device, buffers):
+        """``(((T, S), Lanes), ...)`` for every token count and bank size, ``()`` without adapters."""
+        if layout is None:
+            return ()
+        entries = []
+        for num_tokens in dict.fromkeys(token_counts):
+            for num_slots in bank_sizes:
+                lanes = layout.lanes(num_tokens, num_slots, device)
+                if buffers is not None:
+                    lanes = _fixed(lanes, buffers, (num_tokens, num_slots, lanes.num_passes, device))
+                entries.append(((num_tokens, num_slots), lanes))
+        return tuple(entries)
+
+    def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        entries = layer.router.traced.inputs
+        if entries is None:  # a forward the top-level hook did not plan
+            return _eager_linear(layer, x, out)
+        if not entries:  # a forward without adapters
+            return out
+        k = x.shape[-1]
+        num_tokens = x.numel() // k
+        factors = layer.bank.factors
+        lanes = _find(entries, num_tokens, factors.a.shape[0])
+        if lanes is None or factors.a.device != out.device:
+            return _eager_linear(layer, x, out)
+        y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes, inplace=True)
+        return y.view(out.shape)
+
+    def traced_embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        entries = layer.router.traced.inputs
+        if entries is None:
+            return _eager_embedding(layer, ids, out)
+        if not entries:
+            return out
+        num_tokens = ids.numel()
+        factors = layer.bank.factors
+        lanes = _find(entries, num_tokens, factors.a.shape[0])
+        if lanes is None or factors.a.device != out.device:
+            return _eager_embedding(layer, ids, out)
+        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors, lanes,
+                                            getattr(layer.base_layer, "embed_scale", None))
+        return y.view(out.shape)
+
+
+def _find(entries, num_tokens: int, num_slots: int) -> Lanes | None:
+    """The published lanes for a layer's token count and bank size (unrolled when traced)."""
+    found = None
+    for key, lanes in entries:
+        if key == (num_tokens, num_slots):
+            found = lanes
+    return found
+
+
+@torch.compiler.disable
+def _eager_linear(layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    layout = layer.router.current(x)
+    bound = None if layout is None else layout.branch(layer, x)
+    return out if bound is None else bound[1](bound[0](x), x, out)
+
+
+@torch.compiler.disable
+def _eager_embedding(layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    layout = layer.router.current(ids, ids=True)
+    return out if layout is None else layout.embedding(layer, ids, out)

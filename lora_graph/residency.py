@@ -1,0 +1,104 @@
+"""Residency: the host cache, the slot table and the banks, moved together.
+
+    read (adapters.py) ──> HostAdapter (one coalesced, pinned buffer) ──host cache (store.py)
+    page_in(names): room checked, then per missing adapter: slot table allocates (evicting the
+    policy's victim) ──> PatchedModules.place writes the factors into that slot of every bank
+
+The wrapper (wrapper.py) owns the registry and the lock and calls these with the lock held. All
+missing weights are read, and room for them is checked, before anything is evicted: a path that
+vanished or went corrupt, or a batch that cannot fit beside pinned and running adapters, fails the
+request and costs no resident adapter. A failure half-way rolls back what it placed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import patch
+from .adapters import read_adapter
+from .slots import SlotTable
+from .store import HostAdapter, HostCache, coalesce
+
+logger = logging.getLogger(__name__)
+
+
+class Residency:
+    def __init__(self, patched: patch.PatchedModules, slots: SlotTable, host: HostCache, dtype: torch.dtype,
+                 max_rank: int | None) -> None:
+        self.patched, self.slots, self.host = patched, slots, host
+        self.dtype, self.max_rank = dtype, max_rank
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        # A model on the CPU: the slots already are host memory, so a load copies straight from
+        # the memory-mapped file into its slot, and the OS page cache is the host tier.
+        self.coalesce = patch.module_device(patched.model).type != "cpu"
+        if not self.coalesce:
+            host.capacity = 0
+
+    def read(self, folder: Path, allow_pickle: bool) -> HostAdapter:
+        """Read and validate an adapter directory against the model, into host memory."""
+        modules = self.patched.originals
+        weights = read_adapter(folder, self.patched.shapes, allow_pickle=allow_pickle,
+                               base_weight=lambda n: patch.plain_weight(modules.get(n)))
+        if self.max_rank is not None:
+            too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
+            if too_big:
+                raise ValueError(f"{folder}: module {too_big[0][0]!r} has rank {too_big[0][1]} > max_rank={self.max_rank}")
+        if not self.coalesce:
+            return HostAdapter(weights, None)
+        return coalesce(weights, self.dtype, pin=self.stream is not None)
+
+    def page_in(self, names, protect: set[str], fetch) -> None:
+        """Make ``names`` resident; ``fetch(name)`` gives a missing one's HostAdapter."""
+        missing = [n for n in names if n not in self.slots]
+        if missing:
+            hosts = {n: fetch(n) for n in missing}
+            room = self.slots.room(protect)
+            if room is not None and room < len(missing):
+                raise RuntimeError(
+                    f"cannot page in {missing}: the {self.slots.capacity} adapter slots are pinned or held by "
+                    "running requests; unpin an adapter, wait for requests to finish, or wrap with a larger max_loaded"
+                )
+            placed = []
+            try:
+                for name in missing:
+                    self.slots.assign(name, self.place(hosts[name], protect=protect | set(missing)))
+                    placed.append(name)
+            except BaseException:
+                for name in placed:  # roll back: nothing half-resident
+                    self.patched.free(self.slots.remove(name), restore=False)
+                raise
+        self.slots.touch(names)
+
+    def place(self, host: HostAdapter, protect: set[str], avoid=()) -> int:
+        """Put an adapter into a free slot (evicting if needed) and return the slot."""
+        slot, evicted = self.slots.allocate(protect, avoid)
+        if evicted is not None:
+            self.patched.free(slot, restore=False)
+            logger.debug("evicted adapter %r from slot %d", *evicted)
+        self.patched.place(host, slot, self.stream)
+        return slot
+
+    def release(self, slot: int, restore: bool) -> None:
+        """Free ``slot`` now, or when the last request holding it ends."""
+        if self.slots.release(slot, restore):
+            self.patched.free(slot, restore)
+
+    def unhold(self, held: dict[str, int]) -> None:
+        """A request ended: free the slots it was the last to hold among those already let go."""
+        for slot, restore in self.slots.unhold(held):
+            self.patched.free(slot, restore)
+
+    def memory(self) -> dict:
+        return {
+            "device": {
+                "slot_buffers": self.patched.nbytes,
+                "adapters": sum(self.patched.slot_nbytes(s) for s in self.slots.occupied()),
+                "resident": len(self.slots.resident),
+                "max_loaded": self.slots.capacity,
+            },
+            "host": {"cache": self.host.nbytes, "cached": len(self.host), "max_cpu": self.host.capacity,
+                     "pinned_memory": self.stream is not None},
+        }

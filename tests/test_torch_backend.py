@@ -1,0 +1,459 @@
+"""The torch backend's grouped ops (lora_graph/backends/torch.py) against the reference and plain loops.
+
+The operands come from the real plumbing: factors placed in an ``AdapterBank`` (mixed ranks,
+zero-padded past each slot's rank), lanes grouped by ``build_grid`` from a ``RoutingPlan`` and
+factors gathered from the bank state. Three checks:
+
+* ``semantics_loop`` runs the ``Semantics:`` block of the docstring on the op's own operands, in
+  fp64 without the final rounding, against the same per-token loop in fp64;
+* ``ref32`` works per token from the request rows and the original, unpadded factors (rounded to
+  the bank's dtype, where the bank rounds them): it knows nothing of the grid, so it also checks the
+  plan and the bank;
+* the specification, kernels/reference.py, on the whole bank and the plan's lanes (the operands the
+  Triton kernels take): the grouped path must agree with it.
+
+Tolerance, one rule for every case: fp32 within 1e-5; fp16/bf16
+``|op − ref32| ≤ 2·|torch_same_dtype − ref32| + atol``, where ``torch_same_dtype`` is the same math
+in plain torch in the low dtype. Rows with no adapter must come back as ``base`` exactly.
+
+Popularity sweeps after Punica: distinct, uniform, zipf, identical, skewed, with no-adapter rows,
+and multi-lane weighted rows with negative weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from lora_graph.adapters import ModuleLora
+from lora_graph.backends import torch as torch_backend
+from lora_graph.backends.torch import build_grid, gather, grouped_delta, grouped_embedding_delta, operands
+from lora_graph.bank import AdapterBank
+from lora_graph.kernels import reference
+from lora_graph.routing import RoutingPlan
+
+CPU = torch.device("cpu")
+RANKS = [1, 4, 16, 8, 3, 16, 2, 5]  # slot -> rank; the padded rank is 16
+SCALES = [2.0, 0.5, 1.25, 4.0, 1 / 3, 0.75, 8.0, 1.5]
+WITH_BIAS = {1, 3, 6}
+ROWS_PER_BATCH = 8
+ATOL = {torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+
+def popularity(kind: str, num_rows: int, num_slots: int, seed: int = 0):
+    """Per-row lanes ``((slot, weight), ...)`` for an adapter popularity pattern."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "distinct":
+        return tuple(((i % num_slots, 1.0),) for i in range(num_rows))
+    if kind == "identical":
+        return tuple(((3, 0.75),) for _ in range(num_rows))  # slot 3 has a bias when the case has biases
+    if kind == "uniform":
+        slots = torch.randint(0, num_slots, (num_rows,), generator=g)
+    elif kind == "zipf":
+        p = torch.tensor([1.0 / (k + 1) ** 1.2 for k in range(num_slots)])
+        slots = torch.multinomial(p, num_rows, replacement=True, generator=g)
+    elif kind == "skewed":
+        others = torch.randint(1, num_slots, (num_rows,), generator=g)
+        slots = torch.where(torch.rand(num_rows, generator=g) < 0.8, 0, others)
+    elif kind == "no-adapter-rows":
+        slots = torch.randint(0, num_slots, (num_rows,), generator=g)
+        return tuple(() if i % 3 == 1 else ((int(slots[i]), 1.0),) for i in range(num_rows))
+    elif kind == "multi-lane":
+        rows = []
+        for i in range(num_rows):
+            n = i % 4  # 0 to 3 lanes; the 0-lane rows are the base
+            chosen = torch.randperm(num_slots, generator=g)[:n].tolist()
+            weights = ((torch.rand(n, generator=g) * 4 - 2)).tolist()  # in [-2, 2)
+            rows.append(tuple(sorted((s, round(w, 3) or 0.5) for s, w in zip(chosen, weights))))
+        lanes = [w for row in rows for _, w in row]
+        assert min(lanes) < 0 < max(lanes) and max(len(row) for row in rows) == 3
+        return tuple(rows)
+    else:
+        raise ValueError(kind)
+    return tuple(((int(s), 1.0),) for s in slots)
+
+
+POPULARITY = ["distinct", "uniform", "zipf", "identical", "skewed", "no-adapter-rows", "multi-lane"]
+
+
+# -- operands through the real bank --------------------------------------------------------------------
+
+
+def make_loras(k: int, n: int, bias: bool, seed: int = 0) -> list[ModuleLora]:
+    g = torch.Generator().manual_seed(seed)
+    loras = []
+    for slot, (r, s) in enumerate(zip(RANKS, SCALES)):
+        a = torch.randn(r, k, generator=g) / math.sqrt(k)  # (r, K)
+        b = torch.randn(n, r, generator=g) / math.sqrt(r)  # (N, r)
+        c = torch.randn(n, generator=g) * 0.5 if bias and slot in WITH_BIAS else None
+        loras.append(ModuleLora(a, b, c, r, s))
+    return loras
+
+
+def make_bank(loras: list[ModuleLora], k: int, n: int, dtype: torch.dtype) -> AdapterBank:
+    bank = AdapterBank(k, n, CPU, dtype)
+    for slot, lora in enumerate(loras):  # ranks grow and shrink: the bank re-pads as it goes
+        bank.commit(bank.stage(slot, lora))
+    return bank
+
+
+def grid_ops(bank: AdapterBank, rows, num_tokens: int):
+    """The grid of ``rows`` for this bank and its operands, per-lane coefficients."""
+    grid = build_grid(RoutingPlan(rows), num_tokens, bank.present, CPU)
+    assert grid is not None
+    ops = operands(gather(bank.state, grid.slots, CPU), bank.state, grid)
+    return grid, torch_backend.Operands(ops.a, ops.b, ops.bias, ops.coef, None)
+
+
+def run_op(bank: AdapterBank, rows, x: torch.Tensor, base: torch.Tensor):
+    grid, ops = grid_ops(bank, rows, x.shape[0])
+    out = grouped_delta(x, base, ops, grid)
+    return out, (ops.a, ops.b, ops.bias, grid.token, ops.coef)
+
+
+def spec_op(bank: AdapterBank, rows, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """kernels/reference.py on the whole bank and the plan's lanes."""
+    lanes = RoutingPlan(rows).lanes(x.shape[0], bank.factors.num_slots, CPU)
+    return reference.lora_delta(x, base, bank.factors, lanes)
+
+
+# -- the loops -------------------------------------------------------------------------------------
+
+
+def semantics_loop(x, base, a, b, bias, token, coef) -> torch.Tensor:
+    """The ``Semantics:`` block of ``lora_delta``, in fp64 (the final cast left out), so that how
+    the operands are laid out cannot change its rounding."""
+    out = base.double().clone()
+    coef = coef.reshape(coef.shape[0], coef.shape[1])  # (D, M); the op also takes (D, M, 1)
+    num_slots, rows = coef.shape
+    for d in range(num_slots):
+        for m in range(rows):
+            t = int(token[d * rows + m])
+            h = a[d].double() @ x[t].double()  # (R,)
+            y = b[d].double() @ h  # (N,)
+            if bias is not None:
+                y = y + bias[d].double()
+            out[t] += coef[d, m] * y
+    return out
+
+
+def per_token(rows, loras, x, base, dtype: torch.dtype, store: torch.dtype) -> torch.Tensor:
+    """Each token's lanes from its row, with the unpadded factors stored in ``store`` and the math
+    done in ``dtype``: fp32 gives ``ref32``, a low dtype gives ``torch_same_dtype``."""
+    out = base.to(dtype).clone()
+    per_row = x.shape[0] // len(rows)
+    for t in range(x.shape[0]):
+        for slot, w in rows[t // per_row]:
+            lora = loras[slot]
+            a, b = lora.a.to(store).to(dtype), lora.b.to(store).to(dtype)
+            y = b @ (a @ x[t].to(dtype))  # (N,)
+            if lora.bias is not None:
+                y = y + lora.bias.to(store).to(dtype)
+            out[t] = out[t] + torch.tensor(w * lora.scale, dtype=dtype) * y
+    return out
+
+
+def check(out, ref32, lowp, base, rows):
+    assert out.dtype == base.dtype and out.shape == base.shape
+    if base.dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
+    else:
+        err = (out.float() - ref32).abs()
+        bound = 2 * (lowp.float() - ref32).abs() + ATOL[base.dtype]
+        worst = (err - bound).max()
+        assert worst <= 0, f"max |op - ref32| beyond the bound by {worst.item():.3g}"
+    per_row = base.shape[0] // len(rows)
+    for i, row in enumerate(rows):
+        if not row:  # a row with no adapter is the base output, bit for bit
+            assert torch.equal(out[i * per_row:(i + 1) * per_row], base[i * per_row:(i + 1) * per_row])
+
+
+# -- lora_delta -------------------------------------------------------------------------------------
+
+DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),  # bf16 activations, fp32 adapter storage (the default)
+]
+
+
+# every popularity x shape x dtype without bias; with bias on the odd shape
+DELTA_CASES = [
+    (kind, shape, dt, False) for kind in POPULARITY for shape in [(32, 48), (129, 1000), (1000, 129)] for dt in DTYPES
+] + [(kind, (129, 1000), dt, True) for kind in POPULARITY for dt in DTYPES]
+DTYPE_IDS = {DTYPES[0]: "fp32", DTYPES[1]: "fp16", DTYPES[2]: "bf16", DTYPES[3]: "bf16-fp32bank"}
+
+
+@pytest.mark.parametrize(
+    "kind, shape, dtypes, bias", DELTA_CASES,
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{DTYPE_IDS[c[2]]}{'-bias' if c[3] else ''}" for c in DELTA_CASES],
+)
+def test_lora_delta(kind, shape, dtypes, bias):
+    (k, n), (dtype, store) = shape, dtypes
+    loras = make_loras(k, n, bias)
+    bank = make_bank(loras, k, n, store)
+    rows = popularity(kind, ROWS_PER_BATCH, len(loras))
+    g = torch.Generator().manual_seed(1)
+    tokens = ROWS_PER_BATCH * 3
+    x = torch.randn(tokens, k, generator=g).to(dtype)  # (T, K)
+    base = torch.randn(tokens, n, generator=g).to(dtype)  # (T, N)
+
+    out, operands = run_op(bank, rows, x, base)
+    ref32 = per_token(rows, loras, x, base, torch.float32, store)
+    # the plan and the bank give operands whose semantics are the per-token lanes
+    torch.testing.assert_close(semantics_loop(x, base, *operands), per_token(rows, loras, x, base, torch.float64, store),
+                               rtol=1e-6, atol=1e-6)
+    lowp = None if dtype == torch.float32 else per_token(rows, loras, x, base, dtype, store)
+    check(out, ref32, lowp, base, rows)
+    assert (out.float() - base.float()).abs().max() > 1e-2  # the branch is really there
+    check(spec_op(bank, rows, x, base), ref32, lowp, base, rows)  # the specification agrees
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, spec_op(bank, rows, x, base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_delta_one_token_per_row(dtype):
+    """lm_head on the last position only: T == batch rows."""
+    loras = make_loras(64, 96, bias=True)
+    bank = make_bank(loras, 64, 96, dtype)
+    rows = popularity("multi-lane", ROWS_PER_BATCH, len(loras), seed=3)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(ROWS_PER_BATCH, 64, generator=g).to(dtype)
+    base = torch.randn(ROWS_PER_BATCH, 96, generator=g).to(dtype)
+    out, _ = run_op(bank, rows, x, base)
+    ref32 = per_token(rows, loras, x, base, torch.float32, dtype)
+    lowp = None if dtype == torch.float32 else per_token(rows, loras, x, base, dtype, dtype)
+    check(out, ref32, lowp, base, rows)
+
+
+def test_bank_zero_pads_past_rank_and_reuses_slots():
+    k, n = 40, 24
+    loras = make_loras(k, n, bias=True)
+    bank = make_bank(loras, k, n, torch.float32)
+    f = bank.factors
+    assert tuple(f.a.shape) == (len(RANKS), max(RANKS), k) and tuple(f.b.shape) == (len(RANKS), n, max(RANKS))
+    for slot, lora in enumerate(loras):
+        r = lora.rank
+        assert torch.equal(f.a[slot, :r], lora.a) and torch.equal(f.b[slot, :, :r], lora.b)
+        assert not f.a[slot, r:].any() and not f.b[slot, :, r:].any()
+        assert int(f.rank[slot]) == r and float(f.scale[slot]) == pytest.approx(lora.scale)
+    # slot 2 (rank 16) is freed and reused by a rank-2 adapter without bias: nothing stale may remain
+    bank.remove(2)
+    g = torch.Generator().manual_seed(5)
+    small = ModuleLora(torch.randn(2, k, generator=g), torch.randn(n, 2, generator=g), None, 2, 3.0)
+    bank.commit(bank.stage(2, small))
+    loras[2] = small
+    assert not bank.factors.a[2, 2:].any() and not bank.factors.b[2, :, 2:].any()
+    rows = (((2, 1.0), (3, -0.5)), ((2, 2.0),), ((1, 1.0),), ())
+    x = torch.randn(8, k, generator=g)
+    base = torch.randn(8, n, generator=g)
+    out, _ = run_op(bank, rows, x, base)
+    check(out, per_token(rows, loras, x, base, torch.float32, torch.float32), None, base, rows)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "uniform", "no-adapter-rows", "multi-lane"])
+def test_scatter_by_inverse_matches_index_add(kind):
+    """Where each row is one token with exactly one lane (a decode step), the grid carries each
+    token's lane and the op scatters by a gather and a dense add; elsewhere (padding lanes, base
+    rows, several lanes, longer rows) it has none. The sums agree with the scatter-add to fp32
+    rounding, with a shared ``w · s`` or per-lane ones."""
+    k, n = 48, 40
+    loras = make_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    rows = popularity(kind, len(loras) * 2, len(loras))
+    assert build_grid(RoutingPlan(rows), len(rows) * 2, bank.present, CPU).inverse is None  # two tokens per row
+    g = torch.Generator().manual_seed(3)
+    x, base = torch.randn(len(rows), k, generator=g), torch.randn(len(rows), n, generator=g)
+    grid, ops = grid_ops(bank, rows, x.shape[0])
+    assert (grid.inverse is not None) == (kind == "distinct")
+    if grid.inverse is None:
+        return
+    assert torch.equal(grid.token[grid.inverse], torch.arange(x.shape[0]))
+    scatter = dataclasses.replace(grid, inverse=None)
+    for shared in (None, 1.5):  # with a shared w·s, coef is not read
+        with_shared = dataclasses.replace(ops, shared_coef=shared)
+        by_inverse = grouped_delta(x, base, with_shared, grid)
+        torch.testing.assert_close(by_inverse, grouped_delta(x, base, with_shared, scatter), rtol=1e-6, atol=1e-6)
+        assert (by_inverse - base).abs().max() > 1e-2
+
+
+def test_grid_strides_only_for_strided_views_of_the_tokens():
+    """A decode step's grid records ``(offset, step_d, step_m)`` exactly when lane (d, m) is token
+    ``offset + d*step_d + m*step_m``: rows grouped by adapter or interleaved with a period."""
+    def strides(rows, per_row=1):
+        return build_grid(RoutingPlan(rows), len(rows) * per_row, frozenset({0, 1, 2}), CPU).strides
+
+    one, two, three = ((0, 1.0),), ((1, 1.0),), ((2, 1.0),)
+    assert strides((one, one, two, two, three, three)) == (0, 2, 1)  # grouped by adapter
+    assert strides((one, two, three, one, two, three)) == (0, 1, 3)  # interleaved
+    assert strides((two, two, one, one)) is None  # the slots' blocks run backwards
+    assert strides((one, two, two, one)) is None  # a permutation, not a strided view
+    assert strides((one, one, two, two), per_row=2) is None  # not a decode step
+    assert strides((one, one, two)) is None  # unequal groups: padding lanes
+
+
+@pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
+@pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
+@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct", "uniform", "multi-lane", "bias"])
+def test_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
+    """The branch a patched layer binds for decode steps (``bind``), on ``(B, L, K)``
+    activations, is the op bit for bit, whether its input-only part runs before the base layer (a
+    small output) or everything runs after it (a large one); both are right per token."""
+    monkeypatch.setattr(torch_backend, "_EARLY_ELEMENTS", 1 << 30 if early else 0)
+    k, n, batch = 48, 40, ROWS_PER_BATCH
+    loras = make_loras(k, n, bias=kind == "bias")
+    bank = make_bank(loras, k, n, torch.float32)
+    if kind.startswith("identity"):
+        rows = tuple(((2, 0.5 if kind == "identity-shared-weight" else 0.25 * (i + 1)),) for i in range(batch))
+    else:
+        # distinct: 4 adapters on 8 rows, so each token's lane is not its own index
+        rows = popularity("distinct" if kind == "bias" else kind, batch, 4 if kind in ("distinct", "bias") else len(loras))
+    g = torch.Generator().manual_seed(11)
+    x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
+    grid = build_grid(RoutingPlan(rows), batch * per_row, bank.present, CPU)
+    state = bank.state
+    assert (grid.inverse is not None) == (kind in ("distinct", "bias") and per_row == 1)
+    assert grid.inverse is None or not torch.equal(grid.inverse, grid.token)
+    ops = operands(gather(state, grid.slots, CPU), state, grid)
+    pre, post = torch_backend.bind(ops, grid, x.shape)
+    got = post(pre(x), x, base.clone())
+    want = grouped_delta(x.view(-1, k), base.view(-1, n).clone(), ops, grid, inplace=True)
+    assert torch.equal(got, want.view(base.shape))
+    check(got.view(-1, n), per_token(rows, loras, x.view(-1, k), base.view(-1, n), torch.float32, torch.float32),
+          None, base.view(-1, n), rows)
+
+
+@pytest.mark.parametrize("kind", ["identity-shared-weight", "identity", "distinct"])
+def test_lora_delta_inplace(kind):
+    """``inplace=True`` updates an fp32 ``base`` and returns it, with the same values as the copying
+    call, which leaves ``base`` alone; a low-precision ``base`` is never written."""
+    k, n = 48, 40
+    loras = make_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    rows = popularity("distinct", 4, len(loras)) if kind == "distinct" else ((((2, 0.5),),) * 4)
+    g = torch.Generator().manual_seed(7)
+    x, base = torch.randn(8, k, generator=g), torch.randn(8, n, generator=g)
+    grid, ops = grid_ops(bank, rows, 8)
+    assert grid.identity == (kind != "distinct")
+    shared = 0.5 * SCALES[2] if kind == "identity-shared-weight" else None
+    ops = dataclasses.replace(ops, shared_coef=shared)
+    kept = base.clone()
+    copied = grouped_delta(x, base, ops, grid)
+    assert torch.equal(base, kept) and copied.data_ptr() != base.data_ptr()
+    updated = grouped_delta(x, base, ops, grid, inplace=True)
+    assert updated is base
+    torch.testing.assert_close(updated, copied, rtol=0, atol=0)
+    check(copied, per_token(rows, loras, x, kept, torch.float32, torch.float32), None, kept, rows)
+    low = kept.bfloat16()
+    low_kept = low.clone()
+    assert grouped_delta(x, low, ops, grid, inplace=True).dtype == torch.bfloat16
+    assert torch.equal(low, low_kept)
+
+
+class _CountOps(TorchFunctionMode):
+    """Counts the torch calls made inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_op_count_does_not_grow_with_distinct_adapters():
+    k, n = 32, 16
+    bank = make_bank(make_loras(k, n, bias=True), k, n, torch.float32)
+    x, base = torch.randn(16, k), torch.randn(16, n)
+    counts = []
+    for distinct in (2, 4, 8):
+        rows = tuple(((i % distinct, 1.0),) for i in range(8))
+        grid, ops = grid_ops(bank, rows, 16)
+        with _CountOps() as mode:
+            grouped_delta(x, base, ops, grid)
+        counts.append(mode.count)
+    assert len(set(counts)) == 1, counts
+
+
+# -- lora_embedding_delta ------------------------------------------------------------------------------
+
+
+def emb_per_token(rows, loras, ids, base, dtype, store, embed_scale) -> torch.Tensor:
+    out = base.to(dtype).clone()
+    per_row = ids.shape[0] // len(rows)
+    for t in range(ids.shape[0]):
+        for slot, w in rows[t // per_row]:
+            lora = loras[slot]
+            a, b = lora.a.to(store).to(dtype), lora.b.to(store).to(dtype)
+            y = b @ a[:, int(ids[t])]  # (N,)
+            y = torch.tensor(w * lora.scale, dtype=dtype) * y
+            if embed_scale is not None:
+                y = y * (embed_scale.to(dtype) if torch.is_tensor(embed_scale) else embed_scale)
+            out[t] = out[t] + y
+    return out
+
+
+def emb_semantics_loop(ids, base, a, b, token, coef, embed_scale) -> torch.Tensor:
+    """The ``Semantics:`` block of ``lora_embedding_delta``, in fp32 (the final cast left out)."""
+    out = base.float().clone()
+    scale = 1.0 if embed_scale is None else (embed_scale.float() if torch.is_tensor(embed_scale) else embed_scale)
+    coef = coef.reshape(coef.shape[0], coef.shape[1])  # (D, M); the op also takes (D, M, 1)
+    num_slots, rows = coef.shape
+    for d in range(num_slots):
+        for m in range(rows):
+            t = int(token[d * rows + m])
+            y = b[d].float() @ a[d, :, int(ids[t])].float()  # (N,)
+            out[t] += coef[d, m] * y * scale
+    return out
+
+
+EMBED_SCALES = {"none": None, "float": math.sqrt(32.0), "tensor": torch.tensor(math.sqrt(32.0))}
+
+
+EMB_KINDS = ["distinct", "zipf", "identical", "no-adapter-rows", "multi-lane"]
+EMB_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# every popularity x shape x dtype without embed_scale; embed_scale (float, tensor) on the small shape
+EMB_CASES = [
+    (kind, shape, dt, "none") for kind in EMB_KINDS for shape in [(96, 32), (1000, 129)] for dt in EMB_DTYPES
+] + [(kind, (96, 32), dt, es) for kind in EMB_KINDS for dt in EMB_DTYPES for es in ("float", "tensor")]
+
+
+@pytest.mark.parametrize(
+    "kind, shape, dtype_name, embed_scale", EMB_CASES,
+    ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}-{c[2]}-scale_{c[3]}" for c in EMB_CASES],
+)
+def test_lora_embedding_delta(kind, shape, dtype_name, embed_scale):
+    (vocab, dim), dtype = shape, EMB_DTYPES[dtype_name]
+    scale = EMBED_SCALES[embed_scale]
+    g = torch.Generator().manual_seed(4)
+    loras = []
+    for r, s in zip(RANKS, SCALES):
+        a = torch.randn(r, vocab, generator=g)  # (r, V)
+        b = torch.randn(dim, r, generator=g) / math.sqrt(r)  # (N, r)
+        loras.append(ModuleLora(a, b, None, r, s))
+    bank = make_bank(loras, vocab, dim, dtype)
+    rows = popularity(kind, ROWS_PER_BATCH, len(loras), seed=6)
+    tokens = ROWS_PER_BATCH * 3
+    ids = torch.randint(0, vocab, (tokens,), generator=g)
+    base = torch.randn(tokens, dim, generator=g).to(dtype)
+
+    grid, ops = grid_ops(bank, rows, tokens)
+    out = grouped_embedding_delta(ids, base, ops, grid, scale)
+
+    ref32 = emb_per_token(rows, loras, ids, base, torch.float32, dtype, scale)
+    semantics = emb_semantics_loop(ids, base, ops.a, ops.b, grid.token, ops.coef, scale)
+    torch.testing.assert_close(semantics, ref32, rtol=1e-5, atol=1e-5)
+    lowp = None if dtype == torch.float32 else emb_per_token(rows, loras, ids, base, dtype, dtype, scale)
+    check(out, ref32, lowp, base, rows)
+    assert (out.float() - base.float()).abs().max() > 1e-2
+    lanes = RoutingPlan(rows).lanes(tokens, bank.factors.num_slots, CPU)
+    check(reference.lora_embedding_delta(ids, base, bank.factors, lanes, scale), ref32, lowp, base, rows)
