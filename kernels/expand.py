@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .factors import Factors
 from .lanes import Lanes
-from .shrink import check_device, is_interpreted
+from .shrink import check_device, is_interpreted, launching
 
 
 @triton.jit
@@ -165,14 +165,15 @@ def _launch(out, h, b, bias, scale, rank, lanes, block_n, block_r) -> None:
     bias_arg = bias if bias is not None else b  # never read without HAS_BIAS
     stride_bias = bias.stride() if bias is not None else (0, 0)
     for p in range(lanes.num_passes):  # in order: the lanes of a token add up in a fixed order
-        _expand_kernel[grid](
-            h, b, bias_arg, scale, rank, out,
-            lanes.token, lanes.weight, lanes.chunk_slot[p], lanes.chunk_start[p], lanes.chunk_end[p],
-            n,
-            h.stride(0), h.stride(1), h.stride(2),
-            b.stride(0), b.stride(1), b.stride(2),
-            *stride_bias,
-            out.stride(0), out.stride(1),
-            SPLIT_K=h.shape[0], HAS_BIAS=bias is not None,
-            BLOCK_M=lanes.block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        )
+        with launching():
+            _expand_kernel[grid](
+                h, b, bias_arg, scale, rank, out,
+                lanes.token, lanes.weight, lanes.chunk_slot[p], lanes.chunk_start[p], lanes.chunk_end[p],
+                n,
+                h.stride(0), h.stride(1), h.stride(2),
+                b.stride(0), b.stride(1), b.stride(2),
+                *stride_bias,
+                out.stride(0), out.stride(1),
+                SPLIT_K=h.shape[0], HAS_BIAS=bias is not None,
+                BLOCK_M=lanes.block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            )

@@ -30,6 +30,9 @@ The embedding variant gathers instead of multiplying: h[l, :rank] = A[slot_l, :r
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -126,6 +129,17 @@ def is_interpreted() -> bool:
     return not isinstance(_shrink_kernel, triton.runtime.JITFunction)
 
 
+# Triton's interpreter swaps triton.language's implementation process-wide while a kernel runs, so
+# two threads interpreting kernels at once break each other. Interpreted launches take this lock;
+# compiled launches never do.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launching():
+    """The context every launch runs in: the interpreter's lock, or nothing on a GPU."""
+    return _INTERPRETER_LOCK if is_interpreted() else contextlib.nullcontext()
+
+
 def check_device(*tensors: torch.Tensor) -> None:
     """Triton launches need GPU tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
     device = tensors[0].device
@@ -214,13 +228,14 @@ def lora_shrink(
     if num_chunks == 0 or r == 0 or k == 0:
         return h.zero_()
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    _shrink_kernel[(num_chunks * split_k * r_blocks,)](
-        x, a, rank, h, lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
-        k, k_per_split,
-        x.stride(0), x.stride(1), *a.stride(), *h.stride(),
-        R_BLOCKS=r_blocks, SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype, a.dtype),
-        BLOCK_M=lanes.block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-    )
+    with launching():
+        _shrink_kernel[(num_chunks * split_k * r_blocks,)](
+            x, a, rank, h, lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
+            k, k_per_split,
+            x.stride(0), x.stride(1), *a.stride(), *h.stride(),
+            R_BLOCKS=r_blocks, SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype, a.dtype),
+            BLOCK_M=lanes.block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        )
     return h
 
 
@@ -249,10 +264,11 @@ def lora_embedding_shrink(ids: torch.Tensor, factors: Factors, lanes: Lanes, blo
     if num_chunks == 0 or r == 0:
         return h.zero_()
     grid = (num_chunks, triton.cdiv(r, block_r))
-    _embedding_shrink_kernel[grid](
-        ids, a, rank, h[0], lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
-        a.shape[2],
-        a.stride(0), a.stride(1), a.stride(2), h.stride(1), h.stride(2),
-        BLOCK_M=lanes.block_m, BLOCK_R=block_r,
-    )
+    with launching():
+        _embedding_shrink_kernel[grid](
+            ids, a, rank, h[0], lanes.token, lanes.chunk_slot, lanes.chunk_start, lanes.chunk_end,
+            a.shape[2],
+            a.stride(0), a.stride(1), a.stride(2), h.stride(1), h.stride(2),
+            BLOCK_M=lanes.block_m, BLOCK_R=block_r,
+        )
     return h

@@ -318,13 +318,13 @@ class Router:
         num_tokens = rows * positions if positions is not None else None
         layout = None if request is None else self.layout(request, rows, num_tokens)
         self._scope.set(Scope(request, outer, True, layout, traced_outer))
-        token_counts = (num_tokens, rows) if positions is not None else (rows,)
         buffers = None
         if traced_outer is None:  # a nested forward must not overwrite its outer one's buffers
             buffers = self.traced.buffers
             if buffers is None:
                 buffers = self.traced.buffers = {}
-        self.traced.inputs = self.backend.traced_inputs(layout, token_counts, self.bank_sizes, self.device, buffers)
+        self.traced.inputs = self.backend.traced_inputs(layout, num_tokens or rows, self.bank_sizes, self.device,
+                                                        buffers)
 
     def end_forward(self) -> None:
         scope = self._scope.get()

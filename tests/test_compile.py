@@ -220,3 +220,65 @@ def test_triton_compiled_without_max_loaded_stays_correct(pristine, saved):
             assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits), spec
     ops = [n.target for g in backend.graphs for n in g.graph.nodes]
     assert torch.ops.lora_graph.lora_delta_.default in ops  # the MLP layers, whose banks are big enough, are traced
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_name):
+    """Two threads run the same compiled model at once, each inside its own ``use()`` with its own
+    SPEC, over and over: every output is that SPEC's eager output (a fresh wrapper's), and nothing
+    recompiles. The traced layers read their lanes per thread, so neither thread sees the other's.
+    A hook after the wrapper's own makes each forward wait, once its routing is published, until
+    the other thread's forward has published its own too: lanes shared between threads would then
+    be read by the wrong forward."""
+    import threading
+
+    ids = token_ids(3, 5, seed=44)
+    model = copy.deepcopy(pristine)
+    lm = lora_graph.wrap(model, backend=backend_name, max_loaded=2, max_rank=16)
+    lm.load_adapter("a", saved["a"])
+    lm.load_adapter("b", saved["b"])
+    fresh = lora_graph.wrap(copy.deepcopy(pristine))
+    fresh.load_adapter("a", saved["a"])
+    fresh.load_adapter("b", saved["b"])
+    # per thread: SPECs of one kind each (one adapter per row; weighted sets of two)
+    plans = {0: [["a", "b", None], [None, "a", "a"]], 1: [[{"a": 0.5, "b": -1.0}, "b", None], [{"b": 2.0, "a": 1.0}] * 3]}
+    with torch.no_grad():
+        want = {repr(s): fresh(input_ids=ids, adapters=s).logits for specs in plans.values() for s in specs}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for specs in plans.values():  # compile each kind once, in this thread
+            with lm.use(specs[0]):
+                compiled(input_ids=ids)
+    frames = counter.frame_count
+    errors, start, published = [], threading.Barrier(2), threading.Barrier(2)
+
+    @torch.compiler.disable
+    def both_published(module, args, kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            published.wait(timeout=60)
+
+    hook = model.register_forward_pre_hook(both_published, with_kwargs=True)
+
+    def run(specs):
+        try:
+            start.wait(timeout=60)
+            for i in range(6):
+                spec = specs[i % len(specs)]
+                with lm.use(spec), torch.no_grad():
+                    got = compiled(input_ids=ids).logits
+                torch.testing.assert_close(got, want[repr(spec)], atol=ATOL32, rtol=0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        threads = [threading.Thread(target=run, args=(specs,)) for specs in plans.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    hook.remove()
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    assert not errors, errors[0]
+    assert counter.frame_count == frames, f"{counter.frame_count - frames} frames were compiled again"

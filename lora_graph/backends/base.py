@@ -17,11 +17,11 @@ class Backend(ABC):
         """The layout of a routing plan, shared by every layer of the forwards that use it."""
 
     @abstractmethod
-    def traced_inputs(self, layout: Layout | None, token_counts: tuple[int, ...], bank_sizes: tuple[int, ...],
+    def traced_inputs(self, layout: Layout | None, num_tokens: int, bank_sizes: tuple[int, ...],
                       device: torch.device, buffers: dict | None):
-        """What layers traced into a compiled graph read for one forward (published per thread),
-        for the token counts its layers may see and the banks' slot counts. ``layout`` None: a
-        forward without adapters. ``buffers``: this thread's fixed-address storage, or None."""
+        """What layers traced into a compiled graph read for one forward of ``num_tokens`` tokens
+        (published per thread), for the banks' slot counts. ``layout`` None: a forward without
+        adapters. ``buffers``: this thread's fixed-address storage, or None."""
 
     @abstractmethod
     def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

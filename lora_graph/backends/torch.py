@@ -403,7 +403,7 @@ class TorchBackend(Backend):
     def prepare(self, plan) -> TorchLayout:
         return TorchLayout(plan)
 
-    def traced_inputs(self, layout, token_counts, bank_sizes, device, buffers):
+    def traced_inputs(self, layout, num_tokens, bank_sizes, device, buffers):
         return None  # traced layers run the eager branch (routing is Python data)
 
     # Under torch.compile the branch stays outside the graph: new adapters, weights or mixtures

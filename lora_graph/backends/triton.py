@@ -94,17 +94,18 @@ class TritonBackend(Backend):
     def prepare(self, plan) -> TritonLayout:
         return TritonLayout(plan)
 
-    def traced_inputs(self, layout, token_counts, bank_sizes, device, buffers):
-        """``(((T, S), Lanes), ...)`` for every token count and bank size, ``()`` without adapters."""
+    def traced_inputs(self, layout, num_tokens, bank_sizes, device, buffers):
+        """``(((T, S), Lanes), ...)`` for every bank size and each token count a layer may see (all
+        of them, or one per row or run: ``lm_head`` on the last position), ``()`` without adapters."""
         if layout is None:
             return ()
         entries = []
-        for num_tokens in dict.fromkeys(token_counts):
+        for tokens in dict.fromkeys((num_tokens, len(layout.plan.sets))):
             for num_slots in bank_sizes:
-                lanes = layout.lanes(num_tokens, num_slots, device)
+                lanes = layout.lanes(tokens, num_slots, device)
                 if buffers is not None:
-                    lanes = _fixed(lanes, buffers, (num_tokens, num_slots, lanes.num_passes, device))
-                entries.append(((num_tokens, num_slots), lanes))
+                    lanes = _fixed(lanes, buffers, (tokens, num_slots, lanes.num_passes, device))
+                entries.append(((tokens, num_slots), lanes))
         return tuple(entries)
 
     def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
