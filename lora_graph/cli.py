@@ -36,8 +36,6 @@ def run_demo(args) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
     from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -49,7 +47,6 @@ def run_demo(args) -> int:
     if bad:
         console.print(f"[red]words must be {demo.MIN_LEN} to {demo.MAX_LEN} lowercase ASCII letters: {' '.join(bad)}")
         return 2
-
     hf_logging.disable_progress_bar()  # a 39-tensor model needs no loading bar
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(demo.base_path())
@@ -69,7 +66,6 @@ def run_demo(args) -> int:
         t0 = time.perf_counter()
         lm.load_adapter(name, path)
         adapter_s[name] = time.perf_counter() - t0
-
     # One batch: per word, a row for each adapter, one for the base, one for the blend.
     rows = [(w, spec) for w in args.words for spec in (*demo.ADAPTERS, None, BLEND)]
     words = [w for w, _ in rows]
@@ -79,7 +75,29 @@ def run_demo(args) -> int:
     gen_s = time.perf_counter() - t0
 
     base_kind = "fp32" if args.quantize == "none" else args.quantize
-    table = Table(title=f"lora_graph demo: one generate call, {len(rows)} rows, {base_kind} base")
+    table, failures = _results_table(rows, answers, f"lora_graph demo: one generate call, {len(rows)} rows, "
+                                                    f"{base_kind} base")
+    console.print(table)
+
+    ranks = {n: i.rank for n, i in lm.adapters.items()}
+    loads = ", ".join(f"{n} (r={ranks[n]}) {s * 1e3:.1f} ms" for n, s in adapter_s.items())
+    quant = f", {quantized} Linear layers → {args.quantize} in {quant_s:.2f} s" if quantized else ""
+    console.print(f"base load {load_s:.2f} s{quant}\nadapter loads: {loads}\n"
+                  f"generate: {gen_s:.2f} s for {tokens} tokens over {len(rows)} rows "
+                  f"→ {tokens / gen_s:.0f} tokens/s (backend {lm.backend})\n"
+                  f"total {time.perf_counter() - start:.2f} s after imports")
+    if failures:
+        console.print(f"[red]{failures} adapter/base rows wrong")
+        return 1
+    return 0
+
+
+def _results_table(rows, answers, title: str):
+    """The demo's rich table and how many adapter or base rows are wrong."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
     for col in ("adapters", "prompt", "output", "expected", ""):
         table.add_column(col)
     failures = 0
@@ -93,20 +111,7 @@ def run_demo(args) -> int:
             mark = "[green]✓" if ok else "[red]✗"
         shown = answer.encode("unicode_escape").decode("ascii")  # the blend may write control bytes
         table.add_row(_spec_label(spec), Text(demo.prompt(word)), Text(shown), Text(want), mark)
-    console.print(table)
-
-    ranks = {n: i.rank for n, i in lm.adapters.items()}
-    loads = ", ".join(f"{n} (r={ranks[n]}) {s * 1e3:.1f} ms" for n, s in adapter_s.items())
-    console.print(f"base load {load_s:.2f} s" + (f", {quantized} Linear layers → {args.quantize} in {quant_s:.2f} s"
-                                                  if quantized else ""))
-    console.print(f"adapter loads: {loads}")
-    console.print(f"generate: {gen_s:.2f} s for {tokens} tokens over {len(rows)} rows "
-                  f"→ {tokens / gen_s:.0f} tokens/s (backend {lm.backend})")
-    console.print(f"total {time.perf_counter() - start:.2f} s after imports")
-    if failures:
-        console.print(f"[red]{failures} adapter/base rows wrong")
-        return 1
-    return 0
+    return table, failures
 
 
 def build_parser() -> argparse.ArgumentParser:

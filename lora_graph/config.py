@@ -140,6 +140,32 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
     """
     if not isinstance(raw, Mapping):
         raise AdapterConfigError(f"{source}: expected a JSON object")
+    _refuse_unsupported(raw, source)
+    target_modules = _names(raw, "target_modules", source)
+    if target_modules is None or target_modules == ():
+        raise AdapterConfigError(f"{source}: field 'target_modules' is empty; no module would carry the adapter")
+    if target_modules == "all-linear":
+        raise AdapterConfigError(
+            f"{source}: field 'target_modules' is the unexpanded 'all-linear'; PEFT saves the expanded list"
+        )
+    layers, layers_pattern = _layers(raw, source)
+    return LoraSettings(
+        r=_number(raw, "r", int, 8, source),
+        lora_alpha=_number(raw, "lora_alpha", float, 8, source),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        rank_pattern=_pattern(raw, "rank_pattern", int, source),
+        alpha_pattern=_pattern(raw, "alpha_pattern", float, source),
+        target_modules=target_modules,
+        exclude_modules=_names(raw, "exclude_modules", source),
+        layers_to_transform=layers,
+        layers_pattern=layers_pattern,
+        lora_bias=bool(raw.get("lora_bias", False)),
+        init_lora_weights=raw.get("init_lora_weights", True),
+    )
+
+
+def _refuse_unsupported(raw: Mapping, source: str) -> None:
+    """Fields that change the math or rewrite the base, and unknown fields that carry a value."""
 
     def refuse(name: str, why: str):
         raise AdapterConfigError(f"{source}: field {name!r}={raw.get(name)!r} is not supported: {why}")
@@ -164,45 +190,42 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
             "that would change the outputs"
         )
 
-    def number(name, kind, default=None):
-        value = raw.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-            raise AdapterConfigError(f"{source}: field {name!r} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
-        if value <= 0 and name == "r":
-            raise AdapterConfigError(f"{source}: field 'r' must be positive, got {value}")
-        return kind(value)
 
-    r = number("r", int, 8)
-    alpha = number("lora_alpha", float, 8)
-    patterns = {}
-    for name, kind in (("rank_pattern", int), ("alpha_pattern", float)):
-        value = raw.get(name) or {}
-        if not isinstance(value, Mapping):
-            raise AdapterConfigError(f"{source}: field {name!r} must be a mapping, got {value!r}")
-        for k, v in value.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "rank_pattern" and v <= 0):
-                raise AdapterConfigError(f"{source}: field {name!r} has a bad value {v!r} for {k!r}")
-            try:
-                re.compile(k)
-            except re.error as exc:
-                raise AdapterConfigError(f"{source}: field {name!r} key {k!r} is not a valid regex: {exc}") from None
-        patterns[name] = {str(k): kind(v) for k, v in value.items()}
+def _number(raw: Mapping, name: str, kind, default, source: str):
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise AdapterConfigError(f"{source}: field {name!r} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+    if value <= 0 and name == "r":
+        raise AdapterConfigError(f"{source}: field 'r' must be positive, got {value}")
+    return kind(value)
 
-    def names(name):
-        value = raw.get(name)
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
-            return tuple(value)
-        raise AdapterConfigError(f"{source}: field {name!r} must be a string or a list of strings, got {value!r}")
 
-    target_modules = names("target_modules")
-    if target_modules is None or target_modules == ():
-        raise AdapterConfigError(f"{source}: field 'target_modules' is empty; no module would carry the adapter")
-    if target_modules == "all-linear":
-        raise AdapterConfigError(
-            f"{source}: field 'target_modules' is the unexpanded 'all-linear'; PEFT saves the expanded list"
-        )
+def _pattern(raw: Mapping, name: str, kind, source: str) -> dict:
+    """rank_pattern (int values) or alpha_pattern (float values): regex keys, in file order."""
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise AdapterConfigError(f"{source}: field {name!r} must be a mapping, got {value!r}")
+    for k, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "rank_pattern" and v <= 0):
+            raise AdapterConfigError(f"{source}: field {name!r} has a bad value {v!r} for {k!r}")
+        try:
+            re.compile(k)
+        except re.error as exc:
+            raise AdapterConfigError(f"{source}: field {name!r} key {k!r} is not a valid regex: {exc}") from None
+    return {str(k): kind(v) for k, v in value.items()}
+
+
+def _names(raw: Mapping, name: str, source: str):
+    value = raw.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise AdapterConfigError(f"{source}: field {name!r} must be a string or a list of strings, got {value!r}")
+
+
+def _layers(raw: Mapping, source: str):
+    """``(layers_to_transform, layers_pattern)``, normalised."""
     layers = raw.get("layers_to_transform")
     if layers is not None and not isinstance(layers, int):
         if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) for i in layers):
@@ -215,17 +238,4 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
         layers_pattern = (layers_pattern,)
     else:
         layers_pattern = tuple(layers_pattern)
-
-    return LoraSettings(
-        r=r,
-        lora_alpha=alpha,
-        use_rslora=bool(raw.get("use_rslora", False)),
-        rank_pattern=patterns["rank_pattern"],
-        alpha_pattern=patterns["alpha_pattern"],
-        target_modules=target_modules,
-        exclude_modules=names("exclude_modules"),
-        layers_to_transform=layers,
-        layers_pattern=layers_pattern,
-        lora_bias=bool(raw.get("lora_bias", False)),
-        init_lora_weights=init,
-    )
+    return layers, layers_pattern
