@@ -7,14 +7,14 @@ one row). PEFT's ``adapter_names`` list, where ``"__base__"`` means no adapter, 
 spelled differently.
 
     SPEC ──resolve_spec──> Spec (weighted sets by name) ──slotted──> Spec (by slot, when a request starts)
-    Spec + the forward's input shape ──> RoutingPlan: one weighted set per segment of tokens
+    Spec + the forward's input shape ──> RoutingPlan: one weighted set per run of tokens
     RoutingPlan ──backend.prepare──> layout (the backend's lane layout, built once, shared by every layer)
 
-The plan is token-level. A row SPEC makes one segment per batch row; a layer that sees ``T``
+The plan is token-level. A row SPEC makes one run per batch row; a layer that sees ``T``
 flattened tokens gives each row ``T / B`` of them, which holds for ``(B, L, K)`` activations, for
 models that flatten them (OPT) and for ``lm_head`` on the last position. A batch that ``generate``
 expanded (``num_return_sequences``, beams) repeats each row's SPEC in place, as ``generate`` repeats
-the rows. A ``Packed`` SPEC makes one segment per run; a layer sees either all its tokens or one
+the rows. A ``Packed`` SPEC gives the runs explicitly; a layer sees either all its tokens or one
 token per run (``lm_head`` on each sequence's last token).
 
 Per-forward state travels one way: one ``ContextVar`` per wrapper holds a ``Scope``, the request in
@@ -133,7 +133,7 @@ class Spec:
     def plan(self, rows: int, num_tokens: int | None) -> RoutingPlan | None:
         """This request's plan for a forward of ``rows`` batch rows and ``num_tokens`` tokens."""
         if self.lengths is not None:
-            return RoutingPlan.from_segments(self.lengths, self.sets, self.order, num_tokens)
+            return RoutingPlan.from_runs(self.lengths, self.sets, self.order, num_tokens)
         return RoutingPlan.from_rows(self, rows)
 
 
@@ -158,9 +158,10 @@ def spec_from_adapter_names(adapter_names) -> list:
 
 @dataclass(frozen=True, eq=False)
 class RoutingPlan:
-    """One forward's routing: a weighted set of slots per segment of consecutive tokens.
+    """One forward's routing: a weighted set of slots per run of consecutive tokens
+    (a batch row, or a sequence of a packed batch).
 
-    ``lengths`` is the token count of each segment in the forward's input (a packed batch), or None
+    ``lengths`` is the token count of each run in the forward's input (a packed batch), or None
     for batch rows, which share a layer's tokens equally whatever that layer's token count is.
     ``order`` lists the slots in the order lanes are grouped (adapter-name order).
     """
@@ -171,7 +172,7 @@ class RoutingPlan:
 
     @classmethod
     def from_rows(cls, spec: Spec, rows: int) -> RoutingPlan | None:
-        """One segment per batch row (broadcast, or repeated in place for ``generate``'s
+        """One run per batch row (broadcast, or repeated in place for ``generate``'s
         expansion); None when no row uses an adapter."""
         if spec.broadcast:
             sets = spec.sets * rows
@@ -189,9 +190,9 @@ class RoutingPlan:
         return cls(sets, None, spec.order) if any(sets) else None
 
     @classmethod
-    def from_segments(cls, lengths: Sequence[int], sets: Sequence[SlotSet], order: tuple[int, ...] = (),
+    def from_runs(cls, lengths: Sequence[int], sets: Sequence[SlotSet], order: tuple[int, ...] = (),
                       num_tokens: int | None = None) -> RoutingPlan | None:
-        """One segment per run of ``lengths`` tokens; ``num_tokens``, the forward's token count,
+        """One run per entry of ``lengths`` tokens; ``num_tokens``, the forward's token count,
         must be their sum. None when no run uses an adapter."""
         lengths = tuple(lengths)
         if num_tokens is not None and sum(lengths) != num_tokens:
@@ -204,42 +205,42 @@ class RoutingPlan:
 
     @cached_property
     def max_lanes(self) -> int:
-        """The most adapters any segment uses (the size of the largest weighted set)."""
+        """The most adapters any run uses (the size of the largest weighted set)."""
         return max(len(lanes) for lanes in self.sets)
 
-    def segment_lengths(self, num_tokens: int) -> tuple[int, ...]:
-        """How many of a layer's ``num_tokens`` tokens each segment holds."""
-        segments = len(self.sets)
+    def run_lengths(self, num_tokens: int) -> tuple[int, ...]:
+        """How many of a layer's ``num_tokens`` tokens each run holds."""
+        runs = len(self.sets)
         if self.lengths is None:
-            if num_tokens % segments:
+            if num_tokens % runs:
                 raise ValueError(
-                    f"cannot route: a patched layer saw {num_tokens} tokens for a batch of {segments} rows; "
+                    f"cannot route: a patched layer saw {num_tokens} tokens for a batch of {runs} rows; "
                     "each row must contribute the same number of tokens"
                 )
-            return (num_tokens // segments,) * segments
+            return (num_tokens // runs,) * runs
         if num_tokens == sum(self.lengths):
             return self.lengths
-        if num_tokens == segments:  # one token per sequence (lm_head on each one's last position)
-            return (1,) * segments
+        if num_tokens == runs:  # one token per sequence (lm_head on each one's last position)
+            return (1,) * runs
         raise ValueError(
             f"cannot route: a patched layer saw {num_tokens} tokens, but the packed batch has "
-            f"{sum(self.lengths)} tokens in {segments} runs"
+            f"{sum(self.lengths)} tokens in {runs} runs"
         )
 
     def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
         """Every (token, slot, weight) of the plan for a layer of ``num_tokens`` tokens, in the
         kernels' layout for a bank of ``num_slots`` slots (kernels/lanes.py): each token takes its
-        segment's weighted set, padded with slot -1 to a power of two of passes, so mixtures of
+        run's weighted set, padded with slot -1 to a power of two of passes, so mixtures of
         other sizes mostly keep the layout's shapes."""
-        lengths = self.segment_lengths(num_tokens)
+        lengths = self.run_lengths(num_tokens)
         passes = 1 << max(self.max_lanes - 1, 0).bit_length()
-        segments = len(self.sets)
-        slot = torch.full((segments, passes), -1, dtype=torch.int64)  # (G, P)
-        weight = torch.zeros(segments, passes, dtype=torch.float32)  # (G, P)
-        for seg, lanes in enumerate(self.sets):
+        runs = len(self.sets)
+        slot = torch.full((runs, passes), -1, dtype=torch.int64)  # (G, P)
+        weight = torch.zeros(runs, passes, dtype=torch.float32)  # (G, P)
+        for run, lanes in enumerate(self.sets):
             for p, (s, w) in enumerate(lanes):
-                slot[seg, p], weight[seg, p] = s, w
-        of = torch.repeat_interleave(torch.arange(segments), torch.tensor(lengths))  # (T,) each token's segment
+                slot[run, p], weight[run, p] = s, w
+        of = torch.repeat_interleave(torch.arange(runs), torch.tensor(lengths))  # (T,) each token's run
         token = torch.arange(num_tokens).unsqueeze(1).expand(num_tokens, passes)  # (T, P)
         return build_lanes(upload(token.reshape(-1), device), upload(slot[of].reshape(-1), device),
                            upload(weight[of].reshape(-1), device), num_slots, passes=passes, num_tokens=num_tokens)

@@ -52,7 +52,7 @@ class Grid:
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
     uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
-    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per segment, each with one lane
+    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per run, each with one lane
     # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
     # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
     strides: tuple[int, int, int] | None = None
@@ -61,21 +61,21 @@ class Grid:
 def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
     """The grid of ``plan`` for a layer that sees ``num_tokens`` tokens and holds the slots
     ``present``; None when no token of the forward uses any of them."""
-    lengths = plan.segment_lengths(num_tokens)
-    used = {slot for seg, lanes in enumerate(plan.sets) if lengths[seg] for slot, _ in lanes if slot in present}
+    lengths = plan.run_lengths(num_tokens)
+    used = {slot for run, lanes in enumerate(plan.sets) if lengths[run] for slot, _ in lanes if slot in present}
     if not used:
         return None
     slots = tuple(s for s in plan.order if s in used) if plan.order else tuple(sorted(used))
     group = {s: d for d, s in enumerate(slots)}
-    # (segment, group, weight) of every lane the layer computes, grouped by slot, segments in order
-    lanes = sorted(((seg, group[s], w) for seg, ws in enumerate(plan.sets) if lengths[seg] for s, w in ws if s in used),
+    # (run, group, weight) of every lane the layer computes, grouped by slot, runs in order
+    lanes = sorted(((run, group[s], w) for run, ws in enumerate(plan.sets) if lengths[run] for s, w in ws if s in used),
                    key=lambda lane: lane[1])
-    seg = torch.tensor([lane[0] for lane in lanes])  # (n,)
+    run = torch.tensor([lane[0] for lane in lanes])  # (n,)
     grp = torch.tensor([lane[1] for lane in lanes])  # (n,)
     lane_w = torch.tensor([lane[2] for lane in lanes], dtype=torch.float32)  # (n,)
-    seg_len = torch.tensor(lengths)  # (G,)
-    count = seg_len[seg]  # (n,) tokens of each lane's segment
-    first = seg_len.cumsum(0)[seg] - count  # (n,) its first token
+    run_len = torch.tensor(lengths)  # (G,)
+    count = run_len[run]  # (n,) tokens of each lane's run
+    first = run_len.cumsum(0)[run] - count  # (n,) its first token
     total = int(count.sum())
     of = torch.repeat_interleave(torch.arange(len(lanes)), count)  # (total,) the lane of each flat entry
     tok = first[of] + torch.arange(total) - (count.cumsum(0) - count)[of]  # (total,)
@@ -91,7 +91,7 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
     weights = set(lane_w.tolist())
     uniform = weights.pop() if len(weights) == 1 and bool((per_slot == width).all()) else None
     inverse = strides = None
-    # one token per segment (a decode step) whose lanes are a permutation of the tokens: a gather
+    # one token per run (a decode step) whose lanes are a permutation of the tokens: a gather
     # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
     # as it reads the branch output once instead of twice
     if not identity and all(n == 1 for n in lengths) and token.numel() == num_tokens:
