@@ -85,6 +85,32 @@ def is_peft_model(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
+
+def shadow_continuous_batching(model: nn.Module) -> tuple[str, ...]:
+    """transformers' continuous batching runs the model in a thread of its own, which a ``use()``
+    block does not reach: through a wrapped model it would silently generate with the base model.
+    Its entry points on ``model`` are shadowed by ones that refuse and name lora_graph's own."""
+    shadowed = tuple(name for name in _BATCHING if callable(getattr(model, name, None)))
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(
+            "this model is wrapped by lora_graph: transformers' continuous batching would run it in a thread "
+            "that no adapters reach. Use lm.generate_batch(inputs, adapters=[...]) (or lora_graph.serve.Engine), "
+            "which routes every request with its own adapters"
+        )
+
+    for name in shadowed:
+        setattr(model, name, refuse)
+    return shadowed
+
+
+def unshadow(model: nn.Module, names: tuple[str, ...]) -> None:
+    for name in names:
+        model.__dict__.pop(name, None)
+
+
 def batch_shape_of(args: tuple, kwargs: dict) -> tuple[int | None, int | None]:
     """``(rows, positions)`` of a top-level HF forward call, from input_ids / inputs_embeds / the
     first tensor; ``positions`` is None when the input has no sequence dimension."""

@@ -19,7 +19,7 @@ import torch
 
 from . import patch
 from .adapters import read_adapter
-from .slots import SlotTable
+from .slots import SlotsFull, SlotTable
 from .store import HostAdapter, HostCache, coalesce
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Residency:
             hosts = {n: fetch(n) for n in missing}
             room = self.slots.room(protect)
             if room is not None and room < len(missing):
-                raise RuntimeError(
+                raise SlotsFull(
                     f"cannot page in {missing}: the {self.slots.capacity} adapter slots are pinned or held by "
                     "running requests; unpin an adapter, wait for requests to finish, or wrap with a larger max_loaded"
                 )

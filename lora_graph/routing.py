@@ -26,7 +26,9 @@ per thread: compiled forwards may run in several threads at once.
 
 from __future__ import annotations
 
+import bisect
 import contextvars
+import itertools
 import math
 import numbers
 import threading
@@ -52,12 +54,17 @@ class Packed:
     ``lengths``, and run ``i`` uses ``adapters[i]`` (None, a name or a ``{name: weight}`` set).
 
         lm(input_ids=ids_1xT, adapters=Packed(lengths=[5, 3, 7], adapters=["a", None, {"a": 0.5, "b": 1}]))
+
+    ``logits_to_keep``: the indices of the tokens that reach ``lm_head``, when the forward is given
+    the same ``logits_to_keep`` (a continuous-batching step keeps the last token of each sequence
+    that gets a new one). Without it, ``lm_head`` may see all tokens or one per run.
     """
 
     lengths: tuple[int, ...]
     adapters: tuple
+    logits_to_keep: tuple[int, ...] | None = None
 
-    def __init__(self, lengths: Sequence[int], adapters: Sequence) -> None:
+    def __init__(self, lengths: Sequence[int], adapters: Sequence, logits_to_keep: Sequence[int] | None = None) -> None:
         if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
             raise TypeError(f"Packed lengths must be a list of token counts, got {type(lengths).__name__}")
         if isinstance(adapters, (str, bytes, Mapping)) or not isinstance(adapters, Sequence):
@@ -71,6 +78,23 @@ class Packed:
             raise ValueError("Packed needs at least one run of tokens")
         object.__setattr__(self, "lengths", tuple(int(n) for n in lengths))
         object.__setattr__(self, "adapters", tuple(adapters))
+        if logits_to_keep is not None:
+            keep = [int(i) for i in logits_to_keep]
+            total = sum(self.lengths)
+            if any(not 0 <= i < total for i in keep) or any(a >= b for a, b in zip(keep, keep[1:])):
+                raise ValueError(f"Packed logits_to_keep must be increasing token indices below {total}, got {keep}")
+            logits_to_keep = tuple(keep)
+        object.__setattr__(self, "logits_to_keep", logits_to_keep)
+
+    def kept_per_run(self) -> tuple[int, ...] | None:
+        """How many of each run's tokens reach ``lm_head`` under ``logits_to_keep``."""
+        if self.logits_to_keep is None:
+            return None
+        ends = list(itertools.accumulate(self.lengths))
+        counts = [0] * len(self.lengths)
+        for i in self.logits_to_keep:
+            counts[bisect.bisect_right(ends, i)] += 1
+        return tuple(counts)
 
 
 def _weighted_set(item, known, where: str) -> WeightedSet:
@@ -117,6 +141,7 @@ class Spec:
     broadcast: bool = False
     lengths: tuple[int, ...] | None = None
     order: tuple = ()  # slotted: the slots in adapter-name order, so sums never depend on slot numbers
+    kept: tuple[int, ...] | None = None  # Packed: each run's tokens that reach lm_head
 
     @property
     def names(self) -> frozenset[str]:
@@ -128,12 +153,12 @@ class Spec:
         adapters were paged into."""
         order = tuple(slots[n] for n in sorted(self.names))
         sets = tuple(tuple((slots[n], w) for n, w in lanes) for lanes in self.sets)
-        return Spec(sets, self.broadcast, self.lengths, order)
+        return Spec(sets, self.broadcast, self.lengths, order, self.kept)
 
     def plan(self, rows: int, num_tokens: int | None) -> RoutingPlan | None:
         """This request's plan for a forward of ``rows`` batch rows and ``num_tokens`` tokens."""
         if self.lengths is not None:
-            return RoutingPlan.from_runs(self.lengths, self.sets, self.order, num_tokens)
+            return RoutingPlan.from_runs(self.lengths, self.sets, self.order, num_tokens, self.kept)
         return RoutingPlan.from_rows(self, rows)
 
 
@@ -141,7 +166,7 @@ def resolve_spec(spec, known) -> Spec:
     """Validate a SPEC against the registered adapter names and normalise it."""
     if isinstance(spec, Packed):
         sets = tuple(_weighted_set(item, known, f"Packed run {i}") for i, item in enumerate(spec.adapters))
-        return Spec(sets, lengths=spec.lengths)
+        return Spec(sets, lengths=spec.lengths, kept=spec.kept_per_run())
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         if len(spec) == 0:
             raise ValueError("an adapter SPEC list must have one entry per batch row, got an empty list")
@@ -169,6 +194,7 @@ class RoutingPlan:
     sets: tuple[SlotSet, ...]
     lengths: tuple[int, ...] | None = None
     order: tuple[int, ...] = ()
+    kept: tuple[int, ...] | None = None  # each run's tokens that reach lm_head (Packed logits_to_keep)
 
     @classmethod
     def from_rows(cls, spec: Spec, rows: int) -> RoutingPlan | None:
@@ -191,7 +217,7 @@ class RoutingPlan:
 
     @classmethod
     def from_runs(cls, lengths: Sequence[int], sets: Sequence[SlotSet], order: tuple[int, ...] = (),
-                      num_tokens: int | None = None) -> RoutingPlan | None:
+                  num_tokens: int | None = None, kept: tuple[int, ...] | None = None) -> RoutingPlan | None:
         """One run per entry of ``lengths`` tokens; ``num_tokens``, the forward's token count,
         must be their sum. None when no run uses an adapter."""
         lengths = tuple(lengths)
@@ -201,7 +227,7 @@ class RoutingPlan:
                 "the lengths must cover the flattened input exactly"
             )
         sets = tuple(sets)
-        return cls(sets, lengths, order) if any(sets) else None
+        return cls(sets, lengths, order, kept) if any(sets) else None
 
     @cached_property
     def max_lanes(self) -> int:
@@ -220,6 +246,8 @@ class RoutingPlan:
             return (num_tokens // runs,) * runs
         if num_tokens == sum(self.lengths):
             return self.lengths
+        if self.kept is not None and num_tokens == sum(self.kept):  # lm_head on the kept tokens
+            return self.kept
         if num_tokens == runs:  # one token per sequence (lm_head on each one's last position)
             return (1,) * runs
         raise ValueError(

@@ -53,6 +53,26 @@ logger = logging.getLogger(__name__)
 _UNSET = object()
 
 
+class Lease:
+    """Slots held for one request (see :meth:`LoraGraph.lease`); ``release`` is idempotent."""
+
+    def __init__(self, owner: LoraGraph, request, held: dict[str, int]) -> None:
+        self.request, self._owner, self._held = request, owner, held
+        self._released = False
+        self._guard = threading.Lock()
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._held)
+
+    def release(self) -> None:
+        with self._guard:
+            if self._released:
+                return
+            self._released = True
+        self._owner._release(self._held)
+
+
 class LoraGraph:
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
@@ -85,6 +105,7 @@ class LoraGraph:
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         model._lora_graph = self
+        self._shadowed = patch.shadow_continuous_batching(model)
         self._live = True
 
     # -- registry ---------------------------------------------------------------------------
@@ -206,14 +227,10 @@ class LoraGraph:
             return {**self._resident.memory(), "registered": len(self._infos)}
 
     # -- requests ---------------------------------------------------------------------------
-    @contextmanager
-    def use(self, spec=None, *, adapter_names=None):
-        """Route every forward of the model inside the block with ``spec``.
-
-        Covers ``lm(...)``, plain ``model(...)``, ``model.generate(...)`` and pipelines built on
-        the model. ``adapter_names`` is PEFT's spelling (one name per row, ``"__base__"`` for none).
-        Adapters the SPEC names are paged in first; the block holds their slots until it exits.
-        """
+    def lease(self, spec=None, *, adapter_names=None) -> Lease:
+        """Page in the adapters ``spec`` names and hold their slots until ``release()``: what a
+        request does for its whole life, also when it spans many forwards and threads (a serving
+        engine's requests). ``lease.request`` is the SPEC resolved to the held slots."""
         self._check_live()
         if adapter_names is not None:
             if spec is not None:
@@ -229,13 +246,36 @@ class LoraGraph:
                 )
             self._resident.page_in(sorted(names), set(names), self._host_copy)
             held = self._slots.hold(names)
-        scope = self.router.enter(request.slotted(held))
+        return Lease(self, request.slotted(held), held)
+
+    def _release(self, held: dict[str, int]) -> None:
+        with self._lock:
+            self._resident.unhold(held)
+
+    @contextmanager
+    def use(self, spec=None, *, adapter_names=None):
+        """Route every forward of the model inside the block with ``spec``.
+
+        Covers ``lm(...)``, plain ``model(...)``, ``model.generate(...)`` and pipelines built on
+        the model. ``adapter_names`` is PEFT's spelling (one name per row, ``"__base__"`` for none).
+        Adapters the SPEC names are paged in first; the block holds their slots until it exits.
+        """
+        lease = self.lease(spec, adapter_names=adapter_names)
+        scope = self.router.enter(lease.request)
         try:
             yield self
         finally:
             self.router.leave(scope)
-            with self._lock:
-                self._resident.unhold(held)
+            lease.release()
+
+    def generate_batch(self, inputs, adapters=None, max_new_tokens: int = 16, **sampling) -> list[list[int]]:
+        """Continuous batching, offline: ``inputs`` are token-id lists, ``adapters`` one SPEC per
+        input; returns each input's generated ids, in order. Requests share forward passes and
+        join and leave them at every step (lora_graph.serve.engine); ``do_sample``, ``temperature``,
+        ``top_p`` and ``seed`` are honoured per request."""
+        from .serve.engine import generate_batch
+
+        return generate_batch(self, inputs, adapters, max_new_tokens=max_new_tokens, **sampling)
 
     def __call__(self, *args, adapters=_UNSET, adapter_names=None, **kwargs):
         """``model(*args, **kwargs)`` routed with ``adapters`` (or PEFT's ``adapter_names``)."""
@@ -307,6 +347,7 @@ class LoraGraph:
                 hook.remove()
             self._slots.clear()
             self._infos.clear()
+            patch.unshadow(self.model, self._shadowed)
             del self.model._lora_graph
             self._live = False
         return self.model

@@ -100,7 +100,8 @@ class TritonBackend(Backend):
         if layout is None:
             return ()
         entries = []
-        for tokens in dict.fromkeys((num_tokens, len(layout.plan.sets))):
+        plan = layout.plan
+        for tokens in dict.fromkeys((num_tokens, len(plan.sets), sum(plan.kept) if plan.kept else num_tokens)):
             for num_slots in bank_sizes:
                 lanes = layout.lanes(tokens, num_slots, device)
                 if buffers is not None:
