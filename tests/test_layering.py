@@ -90,16 +90,36 @@ def test_kernels_import_only_torch_triton_and_stdlib(path):
     assert not bad, f"kernels/{path.name} imports {sorted(bad)}"
 
 
-ENTRY_POINTS = {"cli.py", "demo.py"}  # above the wrapper: they load an HF model, then wrap it
+ENTRY_POINTS = {"cli.py", "demo.py", "serve/app.py"}  # above the wrapper: they load an HF model, then wrap it
+# patch.py knows transformers' module types; serve/hf_batching.py its continuous batching
+KNOWS_TRANSFORMERS = {"patch.py", "serve/hf_batching.py"}
 
 
-@pytest.mark.parametrize("path", [p for p in LIBRARY if p.name not in ENTRY_POINTS], ids=rel)
+@pytest.mark.parametrize("path", [p for p in LIBRARY if rel(p) not in ENTRY_POINTS], ids=rel)
 def test_only_patch_knows_transformers(path):
     uses = sorted(n for n in imports(path) if top(n) == "transformers")
-    if path.name == "patch.py":
-        assert uses, "patch.py is where transformers' module types are known"
+    if rel(path) in KNOWS_TRANSFORMERS:
+        assert uses, f"{rel(path)} is where transformers is known"
     else:
-        assert not uses, f"lora_graph/{path.name} imports {uses}; only patch.py may know transformers"
+        assert not uses, f"lora_graph/{rel(path)} imports {uses}; only {sorted(KNOWS_TRANSFORMERS)} may"
+
+
+@pytest.mark.parametrize("path", LIBRARY, ids=rel)
+def test_only_serve_knows_http_and_ray(path):
+    uses = sorted(n for n in imports(path) if top(n) in {"fastapi", "uvicorn", "starlette", "sse_starlette", "ray",
+                                                            "prometheus_client"})
+    if not rel(path).startswith("serve/") or rel(path) == "serve/engine.py":
+        assert not uses, f"lora_graph/{rel(path)} imports {uses}"
+
+
+def test_importing_the_library_imports_no_server_or_cluster():
+    import subprocess
+
+    code = ("import sys, lora_graph, lora_graph.serve; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'ray', 'pandas', 'matplotlib', 'ipywidgets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("path", LIBRARY + KERNELS, ids=lambda p: f"{p.parent.name}/{p.name}")
