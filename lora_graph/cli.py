@@ -1,11 +1,15 @@
 """The ``lora-graph`` command.
 
     lora-graph demo [--quantize none|nf4|int8] [--backend auto] [--words WORD ...]
+    lora-graph serve [MODEL_DIR] [--adapter NAME=PATH ...] [--port 8000] [--api-key KEY] ...
 
 ``demo`` loads the shipped tiny model (lora_graph/demo_assets) and its four adapters through
 lora_graph, then runs ONE ``generate`` call whose batch mixes a row per adapter, a base row and a
 weighted blend, per word. It prints the rows as a table with the timings, and exits 1 when an
 adapter row or the base row is wrong (the blend is an experiment: it has no expected answer).
+
+``serve`` runs the OpenAI-compatible server (lora_graph.serve.app) with uvicorn; with no MODEL_DIR
+it serves the demo model and its four adapters as ``lora-graph-demo``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from . import demo
 
@@ -125,7 +130,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--words", nargs="+", default=list(DEFAULT_WORDS), metavar="WORD",
                    help=f"{demo.MIN_LEN} to {demo.MAX_LEN} lowercase letters each (default: {' '.join(DEFAULT_WORDS)})")
     p.set_defaults(func=run_demo)
+    _serve_parser(commands)
     return parser
+
+
+def _serve_parser(commands) -> None:
+    p = commands.add_parser("serve", help="an OpenAI-compatible server; with no MODEL_DIR, the shipped demo")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", help="a Hugging Face model directory (default: the demo)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT adapter (repeatable)")
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="a directory under which /v1/load_lora_adapter may read (default: the --adapter folders' parents)")
+    p.add_argument("--allow-runtime-loading", action="store_true", help="enable /v1/load_lora_adapter and unload")
+    p.add_argument("--quantize", choices=demo.QUANTIZE, default="none", help="bitsandbytes quantization of the base")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    p.add_argument("--max-loaded", type=int, default=None, metavar="N", help="adapters resident at once")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting before the server answers 503")
+    p.add_argument("--served-model-name", default=None, help="the base model's id (default: MODEL_DIR's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    """Load the model and adapters, then serve until interrupted."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lora_graph
+    from lora_graph.serve.app import create_app
+
+    adapters = dict(demo.adapter_paths()) if args.model_dir is None else {}
+    for item in args.adapter:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--adapter expects NAME=PATH, got {item!r}")
+        adapters[name] = path
+    model_dir = args.model_dir or str(demo.base_path())
+    model_id = args.served_model_name or ("lora-graph-demo" if args.model_dir is None else Path(model_dir).name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if args.model_dir is None else "auto")
+    demo.quantize_linears(model.eval(), args.quantize)
+    lm = lora_graph.wrap(model, backend=args.backend, max_loaded=args.max_loaded)
+    lm.register_adapters(adapters)
+    for name in list(adapters)[: args.max_loaded or len(adapters)]:
+        lm.load_adapter(name)
+    roots = args.adapter_root or sorted({str(Path(p).resolve().parent) for p in adapters.values()})
+    app = create_app(lm, tokenizer, model_id, api_key=args.api_key, allow_runtime_loading=args.allow_runtime_loading,
+                     adapter_roots=roots, max_queue=args.max_queue)
+    logger.info("serving %s with adapters %s on http://%s:%d", model_id, ", ".join(adapters) or "none", args.host,
+                args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,9 @@ from lora_graph import demo
 logger = logging.getLogger("train_demo")
 
 PAD_ID = 256
+# Chat requests to the demo are its prompt format: the user's messages, as they are ("weight=").
+CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}"
+                 "{% endif %}{% endfor %}")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
@@ -73,6 +76,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=b2u[ord(demo.EOS)], pad_token="<pad>",
                                    padding_side="left", model_max_length=MODEL["max_position_embeddings"])
+    fast.chat_template = CHAT_TEMPLATE
     assert fast.pad_token_id == PAD_ID and fast.eos_token_id == ord(demo.EOS)
     return fast
 

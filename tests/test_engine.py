@@ -110,12 +110,13 @@ def test_bad_requests_fail_alone(tokenizer):
             too_many.result(60)
         assert too_many.finish_reason == "error"
         assert fine.result(60) == alone(lm, tokenizer, "lora", "upper", 6)
-        blocker = [engine.submit(ids(tokenizer, "abcdefghij"), None, max_new_tokens=30) for _ in range(3)]
-        with pytest.raises(QueueFull):
-            for _ in range(10):
-                engine.submit(ids(tokenizer, "lora"), None)
-        for r in blocker:
-            r.cancel()
+        lm.pin("upper")
+        lm.pin("reverse")  # both slots pinned: requests for shift wait in the queue
+        waiting = [engine.submit(ids(tokenizer, "lora"), "shift", max_new_tokens=4) for _ in range(3)]
+        with pytest.raises(QueueFull, match="max_queue=3"):
+            engine.submit(ids(tokenizer, "lora"), "shift")
+        lm.unpin("reverse")
+        assert [r.result(60) for r in waiting] == [alone(lm, tokenizer, "lora", "shift", 4)] * 3
 
 
 def test_cancel_frees_the_request_and_its_slots(tokenizer):
