@@ -1,0 +1,254 @@
+"""Serving concurrent clients on CPU: lora_graph's continuous batching against one request at a time and PEFT.
+
+The Llama of bench_cpu_branch.py (hidden 1024, intermediate 2816, 4 layers, vocab 1000, random
+weights), adapters of r=16 on every linear layer. 16 closed-loop clients (each sends a request,
+waits for its last token, sends the next) share ``--requests`` requests of ``--prompt`` random
+tokens and ``--new`` generated tokens each (no end token, so every request generates them all);
+request ``i`` uses adapter ``i mod D``. Measured per provider: generated tokens per second over the
+whole run, time to first token (submit to first token) and inter-token latency, p50 and p99.
+
+Providers (all over the same base weight tensors):
+- ``lora_graph`` engine (lora_graph.serve.Engine, continuous batching) with the base only and
+  with 1, 8 and 64 distinct adapters; 64 are paged through ``max_loaded=16``;
+- the same engine with batching off (``batching=False``: one request at a time), 8 adapters;
+- PEFT as a user would write it today, 8 adapters: static batches (a batcher takes whatever
+  requests wait, up to 16, runs ``generate(adapter_names=...)`` and answers them all at the end),
+  and one request at a time with ``set_adapter``. Their token times come from a generate streamer.
+
+    python benchmarks/bench_serve.py [--requests 32] [--out benchmarks/results/serve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+import lora_graph
+from _env import environment, write_json
+from bench_cpu_branch import TARGETS, shared_copy
+from lora_graph.serve import Engine
+
+CLIENTS = 16
+
+
+def write_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
+    """``count`` PEFT adapters with random non-zero factors, written straight to safetensors."""
+    paths = {}
+    for i in range(count):
+        gen = torch.Generator().manual_seed(100 + i)
+        tensors = {}
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in TARGETS:
+                key = f"base_model.model.{name}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.02
+                tensors[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.02
+        path = paths[f"a{i}"] = os.path.join(folder, f"a{i}")
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS).save_pretrained(path)
+    return paths
+
+
+class Timeline:
+    """Per request: when it was sent and when each of its tokens arrived."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, float] = {}
+        self.tokens: dict[int, list[float]] = {}
+
+    def summary(self, wall: float) -> dict:
+        ttft = [times[0] - self.sent[i] for i, times in self.tokens.items() if times]
+        itl = [b - a for times in self.tokens.values() for a, b in zip(times, times[1:])]
+        total = sum(len(t) for t in self.tokens.values())
+
+        def pct(xs, q):
+            xs = sorted(xs)
+            return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
+
+        return {"tokens": total, "seconds": wall, "tokens_per_s": total / wall, "ttft_p50_s": pct(ttft, 0.5),
+                "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99)}
+
+
+def run_clients(jobs: list, serve_one) -> dict:
+    """16 closed-loop clients over ``jobs``; ``serve_one(i, job, timeline)`` blocks until job ``i`` ends."""
+    timeline, work = Timeline(), queue.Queue()
+    for i, job in enumerate(jobs):
+        work.put((i, job))
+
+    def client():
+        while True:
+            try:
+                i, job = work.get_nowait()
+            except queue.Empty:
+                return
+            timeline.sent[i] = time.perf_counter()
+            timeline.tokens[i] = []
+            serve_one(i, job, timeline)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return timeline.summary(time.perf_counter() - start)
+
+
+def engine_provider(lm, new_tokens: int, batching: bool):
+    engine = Engine(lm, max_batch_tokens=512, num_blocks=256, page_size=16, batching=batching).start()
+
+    def serve_one(i, job, timeline):
+        prompt, spec = job
+        stamps = timeline.tokens[i]
+
+        def update(request):
+            now = time.perf_counter()
+            stamps.extend([now] * (len(request.tokens) - len(stamps)))
+
+        engine.submit(prompt, spec, max_new_tokens=new_tokens, on_update=update).result(600)
+
+    return engine, serve_one
+
+
+class _Stamps(BaseStreamer):
+    """Records, per batch row, the time of each generated token (generate's streamer hook)."""
+
+    def __init__(self, rows: list[list[float]]) -> None:
+        self.rows, self.prompt_seen = rows, False
+
+    def put(self, value):
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        now = time.perf_counter()
+        for row in self.rows:
+            row.append(now)
+
+    def end(self):
+        pass
+
+
+def peft_static(peft, new_tokens: int):
+    """A batcher thread: whatever requests wait (up to 16) become one generate(adapter_names=...)."""
+    waiting: queue.Queue = queue.Queue()
+
+    def batcher():
+        while True:
+            first = waiting.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < CLIENTS:
+                try:
+                    batch.append(waiting.get_nowait())
+                except queue.Empty:
+                    break
+            width = max(len(job[0]) for job, _, _ in batch)
+            ids = torch.tensor([[0] * (width - len(job[0])) + job[0] for job, _, _ in batch])
+            mask = torch.tensor([[0] * (width - len(job[0])) + [1] * len(job[0]) for job, _, _ in batch])
+            with torch.no_grad():
+                peft.generate(input_ids=ids, attention_mask=mask, adapter_names=[job[1] for job, _, _ in batch],
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                              streamer=_Stamps([stamps for _, stamps, _ in batch]))
+            for _, _, done in batch:
+                done.set()
+
+    thread = threading.Thread(target=batcher, daemon=True)
+    thread.start()
+
+    def serve_one(i, job, timeline):
+        done = threading.Event()
+        waiting.put((job, timeline.tokens[i], done))
+        done.wait()
+
+    return (lambda: waiting.put(None)), serve_one
+
+
+def peft_one_at_a_time(peft, new_tokens: int):
+    lock = threading.Lock()
+
+    def serve_one(i, job, timeline):
+        prompt, name = job
+        with lock, torch.no_grad():
+            peft.set_adapter(name)
+            peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=0, streamer=_Stamps([timeline.tokens[i]]))
+
+    return serve_one
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
+    base = LlamaForCausalLM(cfg).eval()
+    base.generation_config.eos_token_id = None  # every request generates --new tokens
+    paths = write_adapters(base, tempfile.mkdtemp(), 64, args.rank)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=gen).tolist() for _ in range(args.requests)]
+
+    def jobs(distinct):
+        return [(p, None if distinct == 0 else f"a{i % distinct}") for i, p in enumerate(prompts)]
+
+    results = {}
+    for label, distinct, batching, max_loaded in [("base only", 0, True, None), ("1 adapter", 1, True, None),
+                                                  ("8 adapters", 8, True, None),
+                                                  ("64 adapters, max_loaded=16", 64, True, 16),
+                                                  ("8 adapters, batching off", 8, False, None)]:
+        lm = lora_graph.wrap(shared_copy(base), max_loaded=max_loaded, max_cpu=64)
+        lm.register_adapters({f"a{i}": paths[f"a{i}"] for i in range(max(distinct, 1))})
+        engine, serve_one = engine_provider(lm, args.new, batching)
+        results[label] = run_clients(jobs(distinct), serve_one)
+        engine.stop()
+        lm.unwrap()
+        print(f"{label:>32}: {results[label]['tokens_per_s']:7.1f} tokens/s", flush=True)
+    peft = PeftModel.from_pretrained(shared_copy(base), paths["a0"], adapter_name="a0")
+    for i in range(1, 8):
+        peft.load_adapter(paths[f"a{i}"], adapter_name=f"a{i}")
+    peft.eval()
+    stop, serve_one = peft_static(peft, args.new)
+    results["PEFT static batches, 8 adapters"] = run_clients(jobs(8), serve_one)
+    stop()
+    results["PEFT set_adapter one at a time, 8 adapters"] = run_clients(jobs(8), peft_one_at_a_time(peft, args.new))
+    for label in list(results)[-2:]:
+        print(f"{label:>32}: {results[label]['tokens_per_s']:7.1f} tokens/s", flush=True)
+    summary = _targets(results)
+    for line in summary["lines"]:
+        print(line)
+    write_json({"benchmark": "serve", **environment(), "config": {k: getattr(cfg, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}, "clients": CLIENTS,
+        "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens": args.new, "rank": args.rank,
+        "results": results, "targets": summary["targets"]}, args.out)
+
+
+def _targets(results: dict) -> dict:
+    tps = {k: v["tokens_per_s"] for k, v in results.items()}
+    best_peft = max(tps["PEFT static batches, 8 adapters"], tps["PEFT set_adapter one at a time, 8 adapters"])
+    targets = {
+        "8 adapters / base only >= 0.85": tps["8 adapters"] / tps["base only"],
+        "continuous / one at a time >= 4": tps["8 adapters"] / tps["8 adapters, batching off"],
+        "8 adapters / best PEFT >= 2": tps["8 adapters"] / best_peft,
+    }
+    return {"targets": targets, "lines": [f"{k}: {v:.2f}" for k, v in targets.items()]}
+
+
+if __name__ == "__main__":
+    main()
