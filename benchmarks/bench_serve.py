@@ -3,8 +3,10 @@
 The Llama of bench_cpu_branch.py (hidden 1024, intermediate 2816, 4 layers, vocab 1000, random
 weights), adapters of r=16 on every linear layer. 16 closed-loop clients (each sends a request,
 waits for its last token, sends the next) share ``--requests`` requests of ``--prompt`` random
-tokens and ``--new`` generated tokens each (no end token, so every request generates them all);
-request ``i`` uses adapter ``i mod D``. Measured per provider: generated tokens per second over the
+tokens, each asking for a number of new tokens drawn uniformly from ``--new`` (seeded, the same
+draw for every provider; no end token, so every request generates them all), as answers of
+different lengths do; request ``i`` uses adapter ``i mod D``. Every provider first serves a short
+warm-up round. Measured per provider: generated tokens per second over the
 whole run, time to first token (submit to first token) and inter-token latency, p50 and p99.
 
 Providers (all over the same base weight tensors):
@@ -12,8 +14,9 @@ Providers (all over the same base weight tensors):
   with 1, 8 and 64 distinct adapters; 64 are paged through ``max_loaded=16``;
 - the same engine with batching off (``batching=False``: one request at a time), 8 adapters;
 - PEFT as a user would write it today, 8 adapters: static batches (a batcher takes whatever
-  requests wait, up to 16, runs ``generate(adapter_names=...)`` and answers them all at the end),
-  and one request at a time with ``set_adapter``. Their token times come from a generate streamer.
+  requests wait, up to 16, runs ``generate(adapter_names=...)`` to the longest request's length
+  and answers them all at the end), and one request at a time with ``set_adapter``. Their token
+  times come from a generate streamer; a request counts only its own tokens.
 
     python benchmarks/bench_serve.py [--requests 32] [--out benchmarks/results/serve.json]
 """
@@ -105,41 +108,42 @@ def run_clients(jobs: list, serve_one) -> dict:
     return timeline.summary(time.perf_counter() - start)
 
 
-def engine_provider(lm, new_tokens: int, batching: bool):
+def engine_provider(lm, batching: bool):
     engine = Engine(lm, max_batch_tokens=512, num_blocks=256, page_size=16, batching=batching).start()
 
     def serve_one(i, job, timeline):
-        prompt, spec = job
+        prompt, spec, new = job
         stamps = timeline.tokens[i]
 
         def update(request):
             now = time.perf_counter()
             stamps.extend([now] * (len(request.tokens) - len(stamps)))
 
-        engine.submit(prompt, spec, max_new_tokens=new_tokens, on_update=update).result(600)
+        engine.submit(prompt, spec, max_new_tokens=new, on_update=update).result(600)
 
     return engine, serve_one
 
 
 class _Stamps(BaseStreamer):
-    """Records, per batch row, the time of each generated token (generate's streamer hook)."""
+    """Records, per batch row, the time of each of its own tokens (generate's streamer hook)."""
 
-    def __init__(self, rows: list[list[float]]) -> None:
-        self.rows, self.prompt_seen = rows, False
+    def __init__(self, rows: list[list[float]], wanted: list[int]) -> None:
+        self.rows, self.wanted, self.prompt_seen = rows, wanted, False
 
     def put(self, value):
         if not self.prompt_seen:  # the first call carries the prompt
             self.prompt_seen = True
             return
         now = time.perf_counter()
-        for row in self.rows:
-            row.append(now)
+        for row, wanted in zip(self.rows, self.wanted):
+            if len(row) < wanted:
+                row.append(now)
 
     def end(self):
         pass
 
 
-def peft_static(peft, new_tokens: int):
+def peft_static(peft):
     """A batcher thread: whatever requests wait (up to 16) become one generate(adapter_names=...)."""
     waiting: queue.Queue = queue.Queue()
 
@@ -155,12 +159,13 @@ def peft_static(peft, new_tokens: int):
                 except queue.Empty:
                     break
             width = max(len(job[0]) for job, _, _ in batch)
+            longest = max(job[2] for job, _, _ in batch)
             ids = torch.tensor([[0] * (width - len(job[0])) + job[0] for job, _, _ in batch])
             mask = torch.tensor([[0] * (width - len(job[0])) + [1] * len(job[0]) for job, _, _ in batch])
             with torch.no_grad():
                 peft.generate(input_ids=ids, attention_mask=mask, adapter_names=[job[1] for job, _, _ in batch],
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                              streamer=_Stamps([stamps for _, stamps, _ in batch]))
+                              max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=0,
+                              streamer=_Stamps([stamps for _, stamps, _ in batch], [job[2] for job, _, _ in batch]))
             for _, _, done in batch:
                 done.set()
 
@@ -175,24 +180,24 @@ def peft_static(peft, new_tokens: int):
     return (lambda: waiting.put(None)), serve_one
 
 
-def peft_one_at_a_time(peft, new_tokens: int):
+def peft_one_at_a_time(peft):
     lock = threading.Lock()
 
     def serve_one(i, job, timeline):
-        prompt, name = job
+        prompt, name, new = job
         with lock, torch.no_grad():
             peft.set_adapter(name)
-            peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                          do_sample=False, pad_token_id=0, streamer=_Stamps([timeline.tokens[i]]))
+            peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0, streamer=_Stamps([timeline.tokens[i]], [new]))
 
     return serve_one
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--new", type=int, nargs=2, default=[16, 96], metavar=("MIN", "MAX"))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
     args = ap.parse_args()
@@ -204,9 +209,11 @@ def main() -> None:
     paths = write_adapters(base, tempfile.mkdtemp(), 64, args.rank)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, cfg.vocab_size, (args.prompt,), generator=gen).tolist() for _ in range(args.requests)]
+    lengths = torch.randint(args.new[0], args.new[1] + 1, (args.requests,), generator=gen).tolist()
 
-    def jobs(distinct):
-        return [(p, None if distinct == 0 else f"a{i % distinct}") for i, p in enumerate(prompts)]
+    def jobs(distinct, count=args.requests):
+        return [(p, None if distinct == 0 else f"a{i % distinct}", n)
+                for i, (p, n) in enumerate(zip(prompts[:count], lengths[:count]))]
 
     results = {}
     for label, distinct, batching, max_loaded in [("base only", 0, True, None), ("1 adapter", 1, True, None),
@@ -215,7 +222,8 @@ def main() -> None:
                                                   ("8 adapters, batching off", 8, False, None)]:
         lm = lora_graph.wrap(shared_copy(base), max_loaded=max_loaded, max_cpu=64)
         lm.register_adapters({f"a{i}": paths[f"a{i}"] for i in range(max(distinct, 1))})
-        engine, serve_one = engine_provider(lm, args.new, batching)
+        engine, serve_one = engine_provider(lm, batching)
+        run_clients([(p, s, 4) for p, s, _ in jobs(distinct, CLIENTS)], serve_one)  # warm-up
         results[label] = run_clients(jobs(distinct), serve_one)
         engine.stop()
         lm.unwrap()
@@ -224,10 +232,13 @@ def main() -> None:
     for i in range(1, 8):
         peft.load_adapter(paths[f"a{i}"], adapter_name=f"a{i}")
     peft.eval()
-    stop, serve_one = peft_static(peft, args.new)
+    stop, serve_one = peft_static(peft)
+    run_clients([(p, s, 4) for p, s, _ in jobs(8, CLIENTS)], serve_one)  # warm-up
     results["PEFT static batches, 8 adapters"] = run_clients(jobs(8), serve_one)
     stop()
-    results["PEFT set_adapter one at a time, 8 adapters"] = run_clients(jobs(8), peft_one_at_a_time(peft, args.new))
+    one = peft_one_at_a_time(peft)
+    run_clients([(p, s, 4) for p, s, _ in jobs(8, 2)], one)  # warm-up
+    results["PEFT set_adapter one at a time, 8 adapters"] = run_clients(jobs(8), one)
     for label in list(results)[-2:]:
         print(f"{label:>32}: {results[label]['tokens_per_s']:7.1f} tokens/s", flush=True)
     summary = _targets(results)
@@ -235,7 +246,7 @@ def main() -> None:
         print(line)
     write_json({"benchmark": "serve", **environment(), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}, "clients": CLIENTS,
-        "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens": args.new, "rank": args.rank,
+        "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens_range": args.new, "rank": args.rank,
         "results": results, "targets": summary["targets"]}, args.out)
 
 

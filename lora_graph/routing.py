@@ -395,4 +395,5 @@ class Router:
         """A bank changed (load, unload, growth, a move): forget the layouts, and what they
         gathered from the old banks, now."""
         self._layouts.clear()
+        self.backend.forget()
         self.bank_sizes = bank_sizes

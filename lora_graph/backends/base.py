@@ -23,6 +23,9 @@ class Backend(ABC):
         (published per thread), for the banks' slot counts. ``layout`` None: a forward without
         adapters. ``buffers``: this thread's fixed-address storage, or None."""
 
+    def forget(self) -> None:
+        """A bank changed: drop whatever was derived from the old banks."""
+
     @abstractmethod
     def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A patched linear layer's branch under torch.compile, ``out`` being its base output."""

@@ -357,12 +357,14 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
 
 
 class TorchLayout(Layout):
-    """Grids by (token count, slots held, device), and each layer's gathered factors."""
+    """Grids by (token count, slots held, device); each layer's factors come gathered from the
+    backend, which keeps them across layouts (a serving engine's batch changes at every step, its
+    adapters much less often)."""
 
-    def __init__(self, plan) -> None:
+    def __init__(self, plan, gathered: Gathered) -> None:
         super().__init__(plan)
         self._grids: dict = {}
-        self._gathered: dict = {}  # layer -> (slots, state, gathered)
+        self._gathered = gathered
 
     def grid(self, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
         key = (num_tokens, present, device)
@@ -373,10 +375,7 @@ class TorchLayout(Layout):
             return grid
 
     def operands(self, layer, state, grid: Grid) -> Operands:
-        entry = self._gathered.get(layer)
-        if entry is None or entry[0] != grid.slots or entry[1] is not state:
-            entry = self._gathered[layer] = (grid.slots, state, gather(state, grid.slots, layer.bank.device))
-        return operands(entry[2], state, grid)
+        return operands(self._gathered.get(layer, state, grid.slots), state, grid)
 
     def bind(self, layer, state, x: torch.Tensor):
         grid = self.grid(x.numel() // x.shape[-1] if x.shape[-1] else 0, state.present, x.device)
@@ -397,11 +396,41 @@ class TorchLayout(Layout):
         return y.view(out.shape)
 
 
+class Gathered:
+    """Each layer's gathered factors for its last few slot sets, while the bank state is the one
+    they were gathered from. Derived data: forwards of several threads may fill it at once (each
+    entry is written whole), and it is dropped whenever a bank changes."""
+
+    PER_LAYER = 4
+
+    def __init__(self) -> None:
+        self._entries: dict = {}  # layer -> {slots: (state, gathered)}, oldest first
+
+    def get(self, layer, state, slots: tuple[int, ...]):
+        entries = self._entries.setdefault(layer, {})
+        entry = entries.get(slots)
+        if entry is None or entry[0] is not state:
+            entry = (state, gather(state, slots, layer.bank.device))
+            if len(entries) >= self.PER_LAYER:
+                entries.pop(next(iter(entries)), None)
+            entries[slots] = entry
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries = {}
+
+
 class TorchBackend(Backend):
     name = "torch"
 
+    def __init__(self) -> None:
+        self.gathered = Gathered()
+
     def prepare(self, plan) -> TorchLayout:
-        return TorchLayout(plan)
+        return TorchLayout(plan, self.gathered)
+
+    def forget(self) -> None:
+        self.gathered.clear()
 
     def traced_inputs(self, layout, num_tokens, bank_sizes, device, buffers):
         return None  # traced layers run the eager branch (routing is Python data)
