@@ -329,3 +329,33 @@ def test_runtime_loading_stays_inside_the_adapter_roots(tokenizer, tmp_path):
         assert post("/v1/unload_lora_adapter", {"lora_name": "extra"}).status_code == 404
         with pytest.raises(openai.NotFoundError, match="`extra`"):
             client.completions.create(model="extra", prompt="weight=", max_tokens=2)
+
+
+def test_the_serve_command_serves_the_demo(lm, tokenizer):
+    """``lora-graph serve`` with no model directory: the demo and its four adapters on 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lora_graph.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the server did not come up"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list().data} == {MODEL_ID, "upper", "reverse", "shift", "double"}
+        got = client.completions.create(model="upper", prompt="weight=", max_tokens=10, temperature=0)
+        assert got.choices[0].text == expected(lm, tokenizer, "weight=", "upper", 10)[0] == "WEIGHT"
+    finally:
+        proc.terminate()
+        proc.wait(30)
