@@ -149,40 +149,59 @@ def _serve_parser(commands) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--ray", action="store_true", help="serve from replicas on Ray Serve (pip install 'lora_graph[ray]')")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: replicas of the model")
+    p.add_argument("--ray-address", default=None, help="with --ray: the cluster to join (default: start a local one)")
     p.set_defaults(func=run_serve)
 
 
 def run_serve(args) -> int:
-    """Load the model and adapters, then serve until interrupted."""
+    """Load the model and adapters, then serve until interrupted (or deploy on Ray with --ray)."""
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import torch
-    import uvicorn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import lora_graph
-    from lora_graph.serve.app import create_app
-
     adapters = dict(demo.adapter_paths()) if args.model_dir is None else {}
     for item in args.adapter:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--adapter expects NAME=PATH, got {item!r}")
         adapters[name] = path
-    model_dir = args.model_dir or str(demo.base_path())
-    model_id = args.served_model_name or ("lora-graph-demo" if args.model_dir is None else Path(model_dir).name)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if args.model_dir is None else "auto")
-    demo.quantize_linears(model.eval(), args.quantize)
-    lm = lora_graph.wrap(model, backend=args.backend, max_loaded=args.max_loaded)
-    lm.register_adapters(adapters)
-    for name in list(adapters)[: args.max_loaded or len(adapters)]:
-        lm.load_adapter(name)
+    if args.ray:
+        return _serve_on_ray(args, adapters)
+    import uvicorn
+
+    from lora_graph.serve.app import create_app
+    from lora_graph.serve.loading import load_served, served_name
+
+    model_id = args.served_model_name or served_name(args.model_dir)
+    lm, tokenizer = load_served(args.model_dir, adapters, backend=args.backend, quantize=args.quantize,
+                                max_loaded=args.max_loaded)
     roots = args.adapter_root or sorted({str(Path(p).resolve().parent) for p in adapters.values()})
     app = create_app(lm, tokenizer, model_id, api_key=args.api_key, allow_runtime_loading=args.allow_runtime_loading,
                      adapter_roots=roots, max_queue=args.max_queue)
     logger.info("serving %s with adapters %s on http://%s:%d", model_id, ", ".join(adapters) or "none", args.host,
                 args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+def _serve_on_ray(args, adapters: dict) -> int:
+    """Start or join a Ray cluster and serve through Ray Serve's HTTP proxy until interrupted."""
+    import ray
+    from ray import serve
+
+    from lora_graph.serve.ray import ray_app
+
+    ray.init(address=args.ray_address, include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(ray_app(args.model_dir, adapters, replicas=args.replicas, max_loaded=args.max_loaded or 8,
+                      api_key=args.api_key, served_model_name=args.served_model_name, backend=args.backend,
+                      quantize=args.quantize, max_queue=args.max_queue), name="lora_graph", route_prefix="/")
+    logger.info("serving on Ray with %d replicas at http://%s:%d", args.replicas, args.host, args.port)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
     return 0
 
 

@@ -205,6 +205,17 @@ class LoraGraph:
             self._require(name)
             self._slots.pinned.discard(name)
 
+    def evict(self, name: str) -> bool:
+        """Give up ``name``'s slot now, unless it is pinned or a running request holds it; it stays
+        registered (and cached on the host). True when it was evicted."""
+        with self._lock:
+            self._require(name)
+            slot = self._slots.get(name)
+            if slot is None or name in self._slots.pinned or name not in self._slots.evictable():
+                return False
+            self._resident.release(self._slots.remove(name), restore=False)
+            return True
+
     def prefetch(self, names) -> None:
         """Read adapters ahead of their requests and make them resident while slots allow,
         without evicting anything pinned or in use."""

@@ -7,6 +7,7 @@ zero B would make every comparison pass trivially.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
@@ -385,3 +386,51 @@ class LayoutProbe:
     def bound(self):
         """The last forward's ``(state, shape, device, (pre, post) | None)`` entry for the layer."""
         return self.last._branches.get(self.layer)
+
+
+# -- serving: the shipped demo behind a real server ----------------------------------------------
+
+DEMO_ID = "lora-graph-demo"
+
+
+def demo_lm(**wrap_kwargs):
+    """The shipped demo model, wrapped, with its four adapters registered."""
+    from transformers import AutoModelForCausalLM
+
+    import lora_graph
+    from lora_graph import demo
+
+    model = AutoModelForCausalLM.from_pretrained(demo.base_path(), dtype=torch.float32).eval()
+    lm = lora_graph.wrap(model, **wrap_kwargs)
+    lm.register_adapters(demo.adapter_paths())
+    return lm
+
+
+@contextlib.contextmanager
+def serving(lm, tokenizer, **app_kwargs):
+    """``(base_url, app)`` of a real server (uvicorn, 127.0.0.1, a free port, in a thread); stopped on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from lora_graph.serve.app import create_app
+
+    app = create_app(lm, tokenizer, DEMO_ID, **app_kwargs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        assert not thread.is_alive(), "the server did not stop"

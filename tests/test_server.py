@@ -22,41 +22,9 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lora_graph
-from helpers import adapter_dir, save_adapter
+from helpers import DEMO_ID as MODEL_ID
+from helpers import adapter_dir, demo_lm, save_adapter, serving
 from lora_graph import demo
-from lora_graph.serve.app import create_app
-
-MODEL_ID = "lora-graph-demo"
-
-
-def demo_lm(**wrap_kwargs):
-    model = AutoModelForCausalLM.from_pretrained(demo.base_path(), dtype=torch.float32).eval()
-    lm = lora_graph.wrap(model, **wrap_kwargs)
-    lm.register_adapters(demo.adapter_paths())
-    return lm
-
-
-@contextlib.contextmanager
-def serving(lm, tokenizer, **app_kwargs):
-    """``(base_url, app)`` of a real server on a free port; stopped on exit."""
-    app = create_app(lm, tokenizer, MODEL_ID, **app_kwargs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        assert not thread.is_alive(), "the server did not stop"
 
 
 @pytest.fixture(scope="module")

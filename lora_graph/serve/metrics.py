@@ -33,8 +33,8 @@ class Metrics(Recorder):
         self.generated = Counter("lora_graph_generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram("lora_graph_time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY,
                               registry=r)
-        self.loads = Histogram("lora_graph_adapter_load_seconds", "Time to page an adapter in for a request.",
-                               buckets=_LATENCY, registry=r)
+        self.loads = Histogram("lora_graph_adapter_load_seconds", "Time to page adapters in (a request, or a "
+                               "replica's multiplexed load).", buckets=_LATENCY, registry=r)
         self.batch = Histogram("lora_graph_batch_size", "Requests in each forward pass.",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.steps_total = Counter("lora_graph_steps", "Forward passes.", registry=r)
