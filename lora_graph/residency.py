@@ -72,6 +72,18 @@ class Residency:
                 raise
         self.slots.touch(names)
 
+    def prefetch(self, names, fetch) -> None:
+        """Read ``names`` ahead of their requests and make them resident while slots allow, without
+        evicting anything pinned or in use (the rest stays in the host cache)."""
+        for name in names:
+            if name in self.slots:
+                continue
+            room = self.slots.room()
+            if room is None or room > 0:
+                self.page_in([name], {name}, fetch)
+            else:
+                fetch(name)
+
     def place(self, host: HostAdapter, protect: set[str], avoid=()) -> int:
         """Put an adapter into a free slot (evicting if needed) and return the slot."""
         slot, evicted = self.slots.allocate(protect, avoid)

@@ -73,23 +73,27 @@ class Lease:
         self._owner._release(self._held)
 
 
+def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> None:
+    if getattr(model, "_lora_graph", None) is not None:
+        raise ValueError("this model is already wrapped by lora_graph; call unwrap() on the existing wrapper first")
+    if patch.is_peft_model(model):
+        raise ValueError("this model already carries PEFT LoRA layers; pass the plain base model")
+    if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+        raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
+    for knob, value in (("max_loaded", max_loaded), ("max_rank", max_rank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{knob} must be a positive int or None, got {value!r}")
+    if max_cpu is not None and (isinstance(max_cpu, bool) or not isinstance(max_cpu, int) or max_cpu < 0):
+        raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
+
+
 class LoraGraph:
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
                  max_loaded: int | None = None, max_cpu: int | None = 8, max_rank: int | None = None,
                  progress: bool = True) -> None:
-        if getattr(model, "_lora_graph", None) is not None:
-            raise ValueError("this model is already wrapped by lora_graph; call unwrap() on the existing wrapper first")
-        if patch.is_peft_model(model):
-            raise ValueError("this model already carries PEFT LoRA layers; pass the plain base model")
-        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
-            raise TypeError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
-        for knob, value in (("max_loaded", max_loaded), ("max_rank", max_rank)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{knob} must be a positive int or None, got {value!r}")
-        if max_cpu is not None and (isinstance(max_cpu, bool) or not isinstance(max_cpu, int) or max_cpu < 0):
-            raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
+        _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank)
         device = patch.module_device(model)
         self.model = model
         self.router = Router(resolve_backend(backend, device), device)
@@ -223,14 +227,7 @@ class LoraGraph:
         with self._lock:
             for name in names:
                 self._require(name)
-            for name in self._progress(names, "prefetching adapters"):
-                if name in self._slots:
-                    continue
-                room = self._slots.room()
-                if room is None or room > 0:
-                    self._resident.page_in([name], {name}, self._host_copy)
-                else:
-                    self._host_copy(name)
+            self._resident.prefetch(self._progress(names, "prefetching adapters"), self._host_copy)
 
     def memory(self) -> dict:
         """Bytes per tier: device slot buffers and the adapter bytes they hold, and the host cache."""

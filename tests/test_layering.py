@@ -90,7 +90,8 @@ def test_kernels_import_only_torch_triton_and_stdlib(path):
     assert not bad, f"kernels/{path.name} imports {sorted(bad)}"
 
 
-ENTRY_POINTS = {"cli.py", "demo.py", "serve/app.py"}  # above the wrapper: they load an HF model, then wrap it
+# above the wrapper: they load an HF model, then wrap it
+ENTRY_POINTS = {"cli.py", "demo.py", "serve/app.py", "serve/loading.py"}
 # patch.py knows transformers' module types; serve/hf_batching.py its continuous batching
 KNOWS_TRANSFORMERS = {"patch.py", "serve/hf_batching.py"}
 
