@@ -19,6 +19,7 @@ import torch
 
 from . import patch
 from .adapters import read_adapter
+from .routing import resolve_spec
 from .slots import SlotsFull, SlotTable
 from .store import HostAdapter, HostCache, coalesce
 
@@ -49,6 +50,26 @@ class Residency:
         if not self.coalesce:
             return HostAdapter(weights, None)
         return coalesce(weights, self.dtype, pin=self.stream is not None)
+
+    def read_ahead(self, spec, infos: dict, pickle_ok: dict) -> dict[str, HostAdapter]:
+        """The weights of the SPEC's registered adapters that are neither resident nor cached, read
+        without the wrapper's lock, so that paging them in holds the lock only to place them (running
+        requests keep stepping meanwhile). Best effort: what fails here is read again, and fails
+        with its own error, under the lock."""
+        try:
+            names = resolve_spec(spec, infos).names
+        except (ValueError, TypeError):
+            return {}
+        ahead = {}
+        for name in names:
+            info = infos.get(name)
+            if info is None or name in self.slots or name in self.host:
+                continue
+            try:
+                ahead[name] = self.read(Path(info.path), pickle_ok.get(name, False))
+            except Exception:  # noqa: BLE001 - see above
+                continue
+        return ahead
 
     def page_in(self, names, protect: set[str], fetch) -> None:
         """Make ``names`` resident; ``fetch(name)`` gives a missing one's HostAdapter."""

@@ -244,6 +244,7 @@ class LoraGraph:
             if spec is not None:
                 raise ValueError("pass either adapters (a SPEC) or adapter_names, not both")
             spec = spec_from_adapter_names(adapter_names)
+        ahead = self._resident.read_ahead(spec, self._infos, self._pickle_ok)  # no lock: reading is slow
         with self._lock:
             request = resolve_spec(spec, self._infos)
             names = request.names
@@ -252,7 +253,7 @@ class LoraGraph:
                     f"this request uses {len(names)} distinct adapters but max_loaded={self.max_loaded}; "
                     "split the batch or wrap with a larger max_loaded"
                 )
-            self._resident.page_in(sorted(names), set(names), self._host_copy)
+            self._resident.page_in(sorted(names), set(names), lambda n: self._host_copy(n, ahead.get(n)))
             held = self._slots.hold(names)
         return Lease(self, request.slotted(held), held)
 
@@ -317,12 +318,12 @@ class LoraGraph:
             raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
         return read_config(folder)
 
-    def _host_copy(self, name: str) -> HostAdapter:
-        """A registered adapter's weights: from the host cache, or read (and cached) now."""
+    def _host_copy(self, name: str, read: HostAdapter | None = None) -> HostAdapter:
+        """A registered adapter's weights: from the host cache, ``read`` ahead, or read (and cached) now."""
         host = self._host.get(name)
         if host is None:
             info = self._infos[name]
-            host = self._resident.read(Path(info.path), self._pickle_ok.get(name, False))
+            host = read or self._resident.read(Path(info.path), self._pickle_ok.get(name, False))
             self._host.put(name, host)
             if info.targets is None:
                 self._infos[name] = AdapterInfo.of(name, info.path, host.weights.settings, host.weights,
