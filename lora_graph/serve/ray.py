@@ -180,7 +180,7 @@ def _ingress_deployment(model_id: str, num_replicas: int, affinity: bool):
     """The ingress: forwards each request to a replica picked by its multiplexed model id."""
     app = FastAPI(title="lora_graph (Ray Serve)")
 
-    @serve.deployment(name="Ingress")
+    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})  # it only forwards: no CPU of its own
     @serve.ingress(app)
     class Ingress:
         def __init__(self, replicas) -> None:
