@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .config import AdapterConfigError
@@ -41,6 +43,13 @@ def wrap(
         max_cpu: adapters kept in the host cache, each in one contiguous (pinned on CUDA) buffer.
         max_rank: preallocate the slot buffers for this rank; adapters of higher rank are refused.
         progress: tqdm bars when registering or loading many adapters (only on a terminal).
+
+    A model this library already wraps gives back its existing wrapper (re-running a notebook cell
+    is harmless); its settings stay as they were.
     """
+    existing = getattr(model, "_lora_graph", None)
+    if isinstance(existing, LoraGraph):
+        logging.getLogger(__name__).info("this model is already wrapped by lora_graph: returning its wrapper")
+        return existing
     return LoraGraph(model, backend=backend, adapter_dtype=adapter_dtype, max_loaded=max_loaded,
                      max_cpu=max_cpu, max_rank=max_rank, progress=progress)

@@ -110,6 +110,7 @@ class AdapterBank:
         return numel * self.dtype.itemsize
 
     # -- writes (under the lock) ------------------------------------------------------------------
+    @torch.inference_mode(False)
     def follow(self, device: torch.device) -> None:
         """Move the bank to ``device``, where its module now runs (a model moved after adapters
         were loaded)."""

@@ -46,6 +46,7 @@ def run_demo(args) -> int:
 
     import lora_graph
 
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     console = Console()
     bad = [w for w in args.words if not demo.valid_word(w)]
@@ -126,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="run the shipped tiny model with its four adapters in one mixed batch")
     p.add_argument("--quantize", choices=demo.QUANTIZE, default="none",
                    help="quantize the base's Linear layers with bitsandbytes (CPU too)")
-    p.add_argument("--backend", default="auto", help="lora_graph backend passed to wrap()")
+    p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
+                   help="lora_graph backend passed to wrap()")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings on a shared machine)")
     p.add_argument("--words", nargs="+", default=list(DEFAULT_WORDS), metavar="WORD",
                    help=f"{demo.MIN_LEN} to {demo.MAX_LEN} lowercase letters each (default: {' '.join(DEFAULT_WORDS)})")
     p.set_defaults(func=run_demo)
@@ -206,9 +209,16 @@ def _serve_on_ray(args, adapters: dict) -> int:
 
 
 def main(argv=None) -> int:
+    """Run a command; an error of the library is one line on stderr (--verbose shows the traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        if args.verbose:
+            raise
+        print(f"lora-graph {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

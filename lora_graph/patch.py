@@ -85,25 +85,44 @@ def is_peft_model(model: nn.Module) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+# transformers methods that must not run on a wrapped model, and what to use instead. Continuous
+# batching runs the model in a thread of its own, which a use() block does not reach (it would
+# silently generate with the base model); transformers' PEFT integration would inject PEFT layers
+# beside lora_graph's.
+_REFUSED = {
+    "generate_batch": "lm.generate_batch(inputs, adapters=[...]): transformers runs continuous batching in a "
+                      "thread that no use() block reaches, so it would answer with the base model",
+    "init_continuous_batching": "lm.generate_batch(inputs, adapters=[...]) or lora_graph.serve.Engine(lm): "
+                                "transformers' manager runs the model in a thread that no use() block reaches",
+    "continuous_batching_context_manager": "lora_graph.serve.Engine(lm), which routes every request",
+    "load_adapter": "lm.load_adapter(name, path)",
+    "add_adapter": "lm.load_adapter(name, path) for a trained adapter (lora_graph serves adapters, it does not create them)",
+    "set_adapter": "lm.set_adapter(spec), or lm.use(spec) for a block",
+    "enable_adapters": "lm.enable_adapters()",
+    "disable_adapters": "lm.disable_adapters(), or the block lm.disable_adapter()",
+    "active_adapters": "lm.active_adapters()",
+    "active_adapter": "lm.active_adapters()",
+    "delete_adapter": "lm.delete_adapter(name) (or lm.unload_adapter(name))",
+    "get_adapter_state_dict": "the adapter's own files (lm.adapters[name].path)",
+    "enable_peft_hotswap": "lm.load_adapter(name, path, replace=True), which never recompiles",
+}
 
 
-def shadow_continuous_batching(model: nn.Module) -> tuple[str, ...]:
-    """transformers' continuous batching runs the model in a thread of its own, which a ``use()``
-    block does not reach: through a wrapped model it would silently generate with the base model.
-    Its entry points on ``model`` are shadowed by ones that refuse and name lora_graph's own."""
-    shadowed = tuple(name for name in _BATCHING if callable(getattr(model, name, None)))
-
-    def refuse(*args, **kwargs):
-        raise RuntimeError(
-            "this model is wrapped by lora_graph: transformers' continuous batching would run it in a thread "
-            "that no adapters reach. Use lm.generate_batch(inputs, adapters=[...]) (or lora_graph.serve.Engine), "
-            "which routes every request with its own adapters"
-        )
-
+def shadow_integrations(model: nn.Module) -> tuple[str, ...]:
+    """Shadow, on ``model`` itself, the transformers methods of ``_REFUSED`` by ones that refuse and
+    name lora_graph's equivalent (the wrapper's attribute delegation then refuses too)."""
+    shadowed = tuple(name for name in _REFUSED if callable(getattr(model, name, None)))
     for name in shadowed:
-        setattr(model, name, refuse)
+        setattr(model, name, _refusal(name, _REFUSED[name]))
     return shadowed
+
+
+def _refusal(name: str, instead: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{name}() does not apply to a model wrapped by lora_graph; use {instead}")
+
+    refuse.__name__ = name
+    return refuse
 
 
 def unshadow(model: nn.Module, names: tuple[str, ...]) -> None:
@@ -141,6 +160,7 @@ class PatchedModules:
         self.shapes = {n: shape_of(m) for n, m in self.originals.items()}
         self.banks: dict[str, AdapterBank] = {}
 
+    @torch.inference_mode(False)  # a first request inside inference_mode must not make the banks inference tensors
     def place(self, host: HostAdapter, slot: int, stream=None) -> None:
         """Write an adapter's factors into ``slot`` of every module it targets, creating banks and
         wrapping modules as needed. Everything that can fail happens before the first write."""
@@ -170,6 +190,7 @@ class PatchedModules:
             set_module(self.model, name, wrapper)
         self.router.invalidate(self.bank_sizes())
 
+    @torch.inference_mode(False)
     def free(self, slot: int, restore: bool) -> None:
         """Clear ``slot`` in every bank; with ``restore``, modules left empty get their originals
         back. Eviction alone keeps the wrappers, so paging never changes the module tree a compiled

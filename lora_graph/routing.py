@@ -27,11 +27,13 @@ per thread: compiled forwards may run in several threads at once.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextvars
 import itertools
 import math
 import numbers
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -313,20 +315,52 @@ class Router:
         self._layouts: dict = {}  # (request, rows, tokens) -> layout | None; dropped when a bank changes
         self.traced = _Traced()
         self.bank_sizes: tuple[int, ...] = ()  # distinct slot counts of the banks, for traced inputs
+        self.default: Spec | None = None  # the request of forwards outside any use() (set_adapter)
+        self._blocks: collections.Counter = collections.Counter()  # thread -> open use() blocks with adapters
+        self._blocks_lock = threading.Lock()
+        self._warned = False
 
     def __deepcopy__(self, memo):
         raise TypeError(
             "a model wrapped by lora_graph cannot be deep-copied; copy it before wrap() or after unwrap()"
         )
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "a model wrapped by lora_graph cannot be pickled; pickle or save it before wrap() or after unwrap() "
+            "(its adapters are files: lm.adapters[name].path)"
+        )
+
     # -- requests (use) ---------------------------------------------------------------------------
     def enter(self, request: Spec | None) -> Scope:
         scope = Scope(request, self._scope.get())
         self._scope.set(scope)
+        if request is not None and request.names:
+            with self._blocks_lock:
+                self._blocks[threading.get_ident()] += 1
         return scope
 
     def leave(self, scope: Scope) -> None:
         self._scope.set(scope.outer)
+        if scope.request is not None and scope.request.names:
+            with self._blocks_lock:
+                ident = threading.get_ident()
+                self._blocks[ident] -= 1
+                if self._blocks[ident] <= 0:
+                    del self._blocks[ident]
+
+    def _warn_unrouted(self) -> None:
+        """A forward with no SPEC in this thread while a ``use()`` block with adapters is open in
+        another: most likely a thread started inside the block, which a ContextVar does not reach."""
+        if self._warned or not self._blocks or threading.get_ident() in self._blocks:
+            return
+        self._warned = True
+        warnings.warn(
+            "lora_graph: a forward ran with no adapters in one thread while a use() block with adapters is open in "
+            "another; a thread started inside use() does not inherit its SPEC. Enter lm.use(...) in that thread, or "
+            "start it with target=contextvars.copy_context().run, args=(fn, ...) to carry the block's SPEC",
+            UserWarning, stacklevel=4,
+        )
 
     def request(self) -> Spec | None:
         scope = self._scope.get()
@@ -338,7 +372,9 @@ class Router:
         then build or look up its layout and publish the traced path's inputs."""
         outer = self._scope.get()
         traced_outer = self.traced.inputs
-        request = None if outer is None else outer.request
+        request = self.default if outer is None else outer.request
+        if outer is None and request is None and self._blocks:
+            self._warn_unrouted()
         known = rows is not None and (positions is not None or request is None or request.lengths is None)
         self._scope.set(Scope(request, outer, in_forward=known, traced_outer=traced_outer))
         if not known:  # no shape to plan from: layers fall back to their own leading dimension
@@ -382,14 +418,13 @@ class Router:
         inside ``use()``, one planned from the layer's input when it is ``(B, L, K)`` activations
         (``(B, L)`` token ids with ``ids``)."""
         scope = self._scope.get()
-        if scope is None:
-            return None
-        if scope.in_forward or scope.request is None:
+        if scope is not None and (scope.in_forward or scope.request is None):
             return scope.layout
-        if x.dim() != (2 if ids else 3):
+        request = self.default if scope is None else scope.request
+        if request is None or x.dim() != (2 if ids else 3):
             return None
         num_tokens = x.numel() if ids else x.numel() // max(x.shape[-1], 1)
-        return self.layout(scope.request, x.shape[0], num_tokens)
+        return self.layout(request, x.shape[0], num_tokens)
 
     def invalidate(self, bank_sizes: tuple[int, ...]) -> None:
         """A bank changed (load, unload, growth, a move): forget the layouts, and what they

@@ -15,11 +15,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .adapters import AdapterWeights
 from .config import LoraSettings
+
+
+def fingerprint(path) -> tuple:
+    """What identifies an adapter directory's files: their resolved paths, sizes and times."""
+    folder = Path(path).resolve()
+    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    return str(folder), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class AdapterInfo:
     use_rslora: bool
     targets: tuple[str, ...] | None = None
     nbytes: int | None = None
+    files: tuple = ()  # fingerprint() of the directory when it was registered or read
 
     @classmethod
     def of(cls, name: str, path, settings: LoraSettings, weights: AdapterWeights | None = None,
@@ -41,7 +50,8 @@ class AdapterInfo:
         if weights is not None:
             targets = tuple(sorted(weights.modules))
             nbytes = weights.numel * dtype.itemsize  # the bytes its slots hold, in the banks' dtype
-        return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes)
+        return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes,
+                   fingerprint(path))
 
 
 @dataclass(frozen=True)

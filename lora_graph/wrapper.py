@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 from . import patch
 from .adapters import read_config
 from .backends import resolve_backend
+from .peft_names import PeftNames
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
 from .slots import SlotTable
-from .store import AdapterInfo, HostAdapter, HostCache
+from .store import AdapterInfo, HostAdapter, HostCache, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph:
+class LoraGraph(PeftNames):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
@@ -109,7 +110,7 @@ class LoraGraph:
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         model._lora_graph = self
-        self._shadowed = patch.shadow_continuous_batching(model)
+        self._shadowed = patch.shadow_integrations(model)
         self._live = True
 
     # -- registry ---------------------------------------------------------------------------
@@ -155,8 +156,9 @@ class LoraGraph:
         any module is touched: a failed load leaves the wrapper as it was.
         """
         self._check_live()
-        if path is None:
-            with self._lock:
+        info = self._infos.get(name)
+        if path is None or (not replace and info is not None and info.files == fingerprint(path)):
+            with self._lock:  # registered from these very files already: make it resident
                 self._require(name)
                 self._resident.page_in([name], {name}, self._host_copy)
                 return self._infos[name]
@@ -189,6 +191,7 @@ class LoraGraph:
             del self._infos[name]
             self._pickle_ok.pop(name, None)
             self._host.drop(name)
+            self._forget_default(name)
             slot = self._slots.remove(name)
             if slot is not None:
                 self._resident.release(slot, restore=True)
@@ -350,6 +353,7 @@ class LoraGraph:
     def unwrap(self) -> nn.Module:
         """Restore the original modules, remove the hooks and return the same model object."""
         self._check_live()
+        self._forget_default()
         with self._lock:
             self._patched.unpatch()
             for hook in self._hooks:
@@ -368,6 +372,15 @@ class LoraGraph:
     # -- conveniences -----------------------------------------------------------------------
     def __deepcopy__(self, memo):
         return self.router.__deepcopy__(memo)
+
+    def __reduce_ex__(self, protocol):
+        return self.router.__reduce_ex__(protocol)
+
+    @property
+    def __class__(self):
+        # Code that checks a model's class by name (transformers' pipelines) sees the wrapped model's;
+        # type(lm) and isinstance(lm, LoraGraph) still see the wrapper.
+        return type(self.model)
 
     def __getattr__(self, name: str):
         # Delegate the rest (config, device, ...) to the model, so the wrapper reads like it.

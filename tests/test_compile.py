@@ -244,14 +244,6 @@ def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_nam
     plans = {0: [["a", "b", None], [None, "a", "a"]], 1: [[{"a": 0.5, "b": -1.0}, "b", None], [{"b": 2.0, "a": 1.0}] * 3]}
     with torch.no_grad():
         want = {repr(s): fresh(input_ids=ids, adapters=s).logits for specs in plans.values() for s in specs}
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter)
-    with torch.no_grad():
-        for specs in plans.values():  # compile each kind once, in this thread
-            with lm.use(specs[0]):
-                compiled(input_ids=ids)
-    frames = counter.frame_count
     errors, start, published = [], threading.Barrier(2), threading.Barrier(2)
 
     @torch.compiler.disable
@@ -259,7 +251,16 @@ def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_nam
         if threading.current_thread() is not threading.main_thread():
             published.wait(timeout=60)
 
-    hook = model.register_forward_pre_hook(both_published, with_kwargs=True)
+    hook = model.register_forward_pre_hook(both_published, with_kwargs=True)  # before compiling: no guard changes
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for specs in plans.values():  # compile each kind once, in this thread
+            for spec in specs:
+                with lm.use(spec):
+                    compiled(input_ids=ids)
+    frames = counter.frame_count
 
     def run(specs):
         try:
