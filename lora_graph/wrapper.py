@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import patch
 from .adapters import read_config
 from .backends import resolve_backend
-from .peft_names import PeftNames
+from .compat import Compat
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
 from .slots import SlotTable
@@ -88,7 +88,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(PeftNames):
+class LoraGraph(Compat):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
@@ -370,17 +370,6 @@ class LoraGraph(PeftNames):
             raise RuntimeError("this wrapper was unwrapped; call lora_graph.wrap(model) again")
 
     # -- conveniences -----------------------------------------------------------------------
-    def __deepcopy__(self, memo):
-        return self.router.__deepcopy__(memo)
-
-    def __reduce_ex__(self, protocol):
-        return self.router.__reduce_ex__(protocol)
-
-    @property
-    def __class__(self):
-        # Code that checks a model's class by name (transformers' pipelines) sees the wrapped model's;
-        # type(lm) and isinstance(lm, LoraGraph) still see the wrapper.
-        return type(self.model)
 
     def __getattr__(self, name: str):
         # Delegate the rest (config, device, ...) to the model, so the wrapper reads like it.

@@ -1,4 +1,5 @@
-"""PEFT's and transformers' adapter methods on the wrapper, with lora_graph's meaning.
+"""What makes the wrapper fit where users already are: PEFT's adapter methods with lora_graph's
+meaning, transformers' pipelines, and clear words for what cannot be done (copying, pickling).
 
 Someone who knows PEFT reaches for ``set_adapter``, ``disable_adapter`` and ``delete_adapter``. On a
 wrapped model they mean:
@@ -15,6 +16,10 @@ the default), like a request that never ends. transformers methods that cannot a
 model (its own ``load_adapter``, ``add_adapter``, continuous batching) are shadowed on the model
 by refusals that name the lora_graph equivalent (patch.py), so the wrapper's attribute delegation
 never reaches transformers' PEFT integration.
+
+Pipelines check a model's class by name: ``lm.__class__`` is the wrapped model's class, while
+``type(lm)`` and ``isinstance(lm, LoraGraph)`` still see the wrapper. A wrapped model cannot be
+deep-copied or pickled (its banks and hooks hold live state); both say so and what to do instead.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import threading
 from contextlib import contextmanager
 
 
-class PeftNames:
-    """Mixed into LoraGraph; relies on its ``lease``, ``use``, ``unload_adapter`` and ``router``."""
+class Compat:
+    """Mixed into LoraGraph; relies on its ``lease``, ``use``, ``unload_adapter``, ``model`` and ``router``."""
 
     _default_lease = None
     _disabled_default = None
@@ -76,3 +81,14 @@ class PeftNames:
         lease = self._default_lease
         if lease is not None and (name is None or name in lease.names):
             self.set_adapter(None)
+
+    def __deepcopy__(self, memo):
+        return self.router.__deepcopy__(memo)
+
+    def __reduce_ex__(self, protocol):
+        return self.router.__reduce_ex__(protocol)
+
+    @property
+    def __class__(self):
+        model = self.__dict__.get("model")
+        return type(self) if model is None else type(model)
