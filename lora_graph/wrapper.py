@@ -109,7 +109,7 @@ class LoraGraph(Compat):
         self._pickle_ok: dict[str, bool] = {}
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
-        model._lora_graph = self
+        object.__setattr__(model, "_lora_graph", self)  # a plain attribute, never a submodule
         self._shadowed = patch.shadow_integrations(model)
         self._live = True
 
