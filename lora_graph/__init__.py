@@ -40,7 +40,7 @@ def wrap(
             Requests page registered adapters in and evict the least recently used.
         max_cpu: adapters kept in the host cache, each in one contiguous (pinned on CUDA) buffer.
         max_rank: preallocate the slot buffers for this rank; adapters of higher rank are refused.
-        progress: tqdm bars when registering or loading many adapters (only on a terminal).
+        progress: tqdm bars when registering or loading many adapters (in a notebook or on a terminal).
     """
     return LoraGraph(model, backend=backend, adapter_dtype=adapter_dtype, max_loaded=max_loaded,
                      max_cpu=max_cpu, max_rank=max_rank, progress=progress)

@@ -43,6 +43,11 @@ class AdapterInfo:
             nbytes = weights.numel * dtype.itemsize  # the bytes its slots hold, in the banks' dtype
         return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes)
 
+    def _repr_html_(self) -> str:
+        from .notebook import adapter_html  # the HTML views live together, in notebook.py
+
+        return adapter_html(self)
+
 
 @dataclass(frozen=True)
 class HostAdapter:
