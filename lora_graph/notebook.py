@@ -120,7 +120,9 @@ def generate_rows(lm, tokenizer, prompts: Sequence[str], specs: Sequence, max_ne
     clock = _StepClock()
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", pad)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: a request may page an adapter in, and a bank first written
+    # under inference_mode could never be written again outside it
+    with torch.no_grad():
         out = lm.generate(input_ids=input_ids.to(lm.router.device), attention_mask=mask.to(lm.router.device),
                           adapters=list(specs), max_new_tokens=max_new_tokens, streamer=clock, **generate_kwargs)
     texts, tokens, seconds = [], [], []
@@ -267,7 +269,7 @@ def target_logprobs(lm, tokenizer, prompt: str, target: str, specs: Sequence) ->
     if not target_ids:
         raise ValueError(f"target {target!r} has no tokens")
     ids = torch.tensor([prompt_ids + target_ids], device=lm.router.device).expand(len(specs), -1)  # (B, P+T)
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: see generate_rows
         logits = lm(input_ids=ids, adapters=list(specs)).logits  # (B, P+T, V)
     start = len(prompt_ids) - 1  # the logits at position t predict token t + 1
     logp = torch.log_softmax(logits[:, start:start + len(target_ids)].float(), dim=-1)  # (B, T, V)

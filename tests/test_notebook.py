@@ -224,6 +224,18 @@ def test_compare_grid_marks_what_differs_from_the_base(lm, tokenizer):
         assert "<mark>" in row[4] and text(unmarked) == cmp.texts[i][0], row[4]
 
 
+def test_adapters_paged_in_by_compare_can_be_paged_again_later(tokenizer):
+    """compare may be a registered adapter's first request, which creates the banks; later
+    loads outside it write into them again (they are not inference tensors)."""
+    lm = lora_graph.wrap(load_base(), max_loaded=2)
+    lm.register_adapters(demo.adapter_paths())
+    cmp = lm.compare(["abc="], adapters=["upper"], tokenizer=tokenizer, max_new_tokens=4)
+    lm.sweep("abc=", {"shift": [1.0]}, target="bcd", tokenizer=tokenizer, max_new_tokens=4)
+    lm.load_adapter("reverse")
+    lm.load_adapter("double")
+    assert cmp.texts == [["abc", "ABC"]] and set(lm.resident) == {"reverse", "double"}
+
+
 def test_compare_loads_the_models_tokenizer_or_says_to_pass_one(lm, tokenizer):
     default = lm.compare(PROMPTS[:1], adapters=["upper"], max_new_tokens=12)
     assert default.texts == lm.compare(PROMPTS[:1], adapters=["upper"], tokenizer=tokenizer, max_new_tokens=12).texts
