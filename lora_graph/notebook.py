@@ -192,19 +192,20 @@ class Comparison:
         )
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(label)}</th>" for label in self.labels)
+        left = 'style="text-align:left"'  # notebook front ends right-align table cells by default
+        head = "".join(f"<th {left}>{html.escape(label)}</th>" for label in self.labels)
         body = []
         for i, prompt in enumerate(self.prompts):
             ref = self.texts[i][self.base] if self.base is not None else None
             cells = "".join(
-                f'<td title="{self.tokens[i][j]} tokens, {self.seconds[i][j]:.3f} s">'
+                f'<td {left} title="{self.tokens[i][j]} tokens, {self.seconds[i][j]:.3f} s">'
                 f"{_marked(text, None if j == self.base else ref)}</td>"
                 for j, text in enumerate(self.texts[i])
             )
-            body.append(f"<tr><th>{_visible(prompt)}</th>{cells}</tr>")
-        note = ("<caption>marked: text that differs from the <b>base</b> column</caption>"
+            body.append(f"<tr><th {left}>{_visible(prompt)}</th>{cells}</tr>")
+        note = (f"<caption {left}>marked: text that differs from the <b>base</b> column</caption>"
                 if self.base is not None else "")
-        return (f'<table class="lora-graph-compare">{note}<thead><tr><th>prompt</th>{head}</tr></thead>'
+        return (f'<table class="lora-graph-compare">{note}<thead><tr><th {left}>prompt</th>{head}</tr></thead>'
                 f"<tbody>{''.join(body)}</tbody></table>")
 
 
@@ -337,8 +338,12 @@ def _quantization(lm) -> str:
     return ", ".join(f"{html.escape(k)} ×{n}" for k, n in kinds.most_common() if k not in plain)
 
 
-def wrapper_html(lm) -> str:
-    """``LoraGraph._repr_html_``: the base model, a table of adapters with their state, memory."""
+STATE_STYLE = {"pinned": "font-weight:bold;color:#1a7f37", "resident": "color:#1a7f37", "registered": "color:#6e7781"}
+
+
+def wrapper_html(lm, max_rows: int = 24) -> str:
+    """``LoraGraph._repr_html_``: the base model, a table of adapters with their state, memory.
+    The table lists pinned adapters first, then resident, then registered, up to ``max_rows``."""
     model = lm.model
     params = sum(p.numel() for p in model.parameters())
     facts = [
@@ -352,22 +357,30 @@ def wrapper_html(lm) -> str:
         ("patched modules", str(len(lm._patched.banks))),
     ]
     resident, pinned = set(lm.resident), lm.pinned
+    order = {"pinned": 0, "resident": 1, "registered": 2}
+    states = sorted(((n, "pinned" if n in pinned else "resident" if n in resident else "registered")
+                     for n in lm.adapters), key=lambda item: order[item[1]])  # stable: registration order within
     rows = []
-    for name, info in lm.adapters.items():
-        state = "pinned" if name in pinned else "resident" if name in resident else "registered"
+    for name, state in states[:max_rows]:
+        info = lm.adapters[name]
         rows.append([f"<b>{html.escape(name)}</b>", info.rank, f"{info.alpha:g}", "yes" if info.use_rslora else "no",
                      "–" if info.targets is None else len(info.targets), readable_bytes(info.nbytes),
-                     f'<span class="lora-graph-{state}">{state}</span>'])
+                     f'<span class="lora-graph-{state}" style="{STATE_STYLE[state]}">{state}</span>'])
+    more = ""
+    if len(states) > max_rows:
+        rest = Counter(state for _, state in states[max_rows:])
+        more = f"<p>… {len(states) - max_rows} more: " + ", ".join(f"{n} {s}" for s, n in rest.items()) + "</p>"
     mem = lm.memory()
     dev, host = mem["device"], mem["host"]
     slots = f"{dev['resident']} of {dev['max_loaded'] or 'unbounded'}"
     memory = [
         ("device slot buffers", readable_bytes(dev["slot_buffers"])),
         ("resident adapters", f"{readable_bytes(dev['adapters'])} in {slots} slots"),
-        ("host cache", f"{readable_bytes(host['cache'])}, {host['cached']} adapters (max {host['max_cpu']})"),
+        ("host cache", "off" if host["max_cpu"] == 0 else
+         f"{readable_bytes(host['cache'])}, {host['cached']} of {host['max_cpu'] or 'unbounded'} adapters"),
         ("registered", str(mem["registered"])),
     ]
-    adapters = (_table(["adapter", "rank", "alpha", "rsLoRA", "target modules", "bytes", "state"], rows)
+    adapters = (_table(["adapter", "rank", "alpha", "rsLoRA", "target modules", "bytes", "state"], rows) + more
                 if rows else "<p>no adapters</p>")
     return (f'<div class="lora-graph"><b>LoraGraph</b>{_facts(facts)}{adapters}'
             f"<b>memory</b>{_facts(memory)}</div>")

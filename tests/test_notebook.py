@@ -159,6 +159,19 @@ def test_repr_html_shows_registered_resident_and_pinned_adapters():
     assert repr(lm.adapters["upper"]).startswith("AdapterInfo(name='upper'")
 
 
+def test_repr_html_lists_resident_adapters_first_and_counts_the_rest():
+    lm = lora_graph.wrap(load_base(), max_loaded=2)
+    lm.register_adapters({f"user{i:02d}": demo.adapter_paths()["shift"] for i in range(30)})
+    lm.pin("user20")
+    lm.load_adapter("user07")
+    view = lm._repr_html_()
+    adapters = Tables(view).tables[1]
+    names = [text(r[0]) for r in adapters[1:]]
+    assert names[:3] == ["user20", "user07", "user00"] and len(names) == 24
+    assert "… 6 more: 6 registered" in text(view)
+    assert [row_of(adapters, n)[6] for n in ("user20", "user07", "user00")] == ["pinned", "resident", "registered"]
+
+
 def test_repr_html_names_a_quantized_base():
     model = load_base()
     demo.quantize_linears(model, "nf4")
