@@ -13,8 +13,9 @@ under M SPECs is one ``generate`` call over N·M rows, not N·M calls, and a wei
 batched call per ``batch_size`` points. Nothing here changes how a forward is computed: these are
 the public ``lm.generate`` and ``lm(...)`` with a SPEC list, plus formatting.
 
-What it does not do: sampling is off unless ``do_sample=True`` is passed (the point is to compare),
-and beams are refused by compare, whose per-row time comes from the streamer that beams cannot use.
+What it does not do: sampling is off unless ``do_sample=True`` is passed (the point is to compare);
+beams and ``num_return_sequences`` are refused, since each row gives one output, timed by a streamer
+(which beams cannot use) that records when each decoding step's tokens arrive.
 
 Libraries: pandas (tables), matplotlib (plots, in the notebooks), ipywidgets (sliders) are the
 ``notebook`` extra and are imported only by the feature that needs one, never with the library.
@@ -60,11 +61,12 @@ def spec_label(spec) -> str:
 def readable_bytes(n: int | None) -> str:
     if n is None:
         return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+    if abs(n) < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-    return ""  # not reached
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -106,6 +108,11 @@ class Generated:
 def generate_rows(lm, tokenizer, prompts: Sequence[str], specs: Sequence, max_new_tokens: int,
                   **generate_kwargs) -> Generated:
     """One ``lm.generate`` call: row ``i`` is ``prompts[i]`` under ``specs[i]``, left-padded."""
+    for knob in ("num_beams", "num_return_sequences"):
+        if generate_kwargs.get(knob, 1) != 1:
+            raise ValueError(f"{knob} must be 1 here: each row gives one output, timed by a streamer")
+    if "streamer" in generate_kwargs:
+        raise ValueError("streamer is taken: it times each row's last token")
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
     eos = generate_kwargs.get("eos_token_id", getattr(getattr(lm.model, "generation_config", None), "eos_token_id",
                                                       None))
@@ -154,8 +161,6 @@ def compare(lm, prompts, adapters, tokenizer=None, max_new_tokens: int = 32, bas
         specs, labels = [None, *specs], ["base", *labels]
     if not prompts or not specs:
         raise ValueError("compare needs at least one prompt and one SPEC")
-    if generate_kwargs.get("num_beams", 1) != 1:
-        raise ValueError("compare decodes without beams; pass num_beams=1")
     tokenizer = load_tokenizer(lm, tokenizer)
     rows = list(itertools.product(range(len(prompts)), range(len(specs))))
     out = generate_rows(lm, tokenizer, [prompts[i] for i, _ in rows], [specs[j] for _, j in rows], max_new_tokens,

@@ -249,6 +249,12 @@ def test_adapters_paged_in_by_compare_can_be_paged_again_later(tokenizer):
     assert cmp.texts == [["abc", "ABC"]] and set(lm.resident) == {"reverse", "double"}
 
 
+def test_compare_refuses_what_would_give_a_row_several_outputs(lm, tokenizer):
+    for knob in ("num_beams", "num_return_sequences"):
+        with pytest.raises(ValueError, match=knob):
+            lm.compare(["abc="], adapters=["upper"], tokenizer=tokenizer, max_new_tokens=4, **{knob: 2})
+
+
 def test_compare_loads_the_models_tokenizer_or_says_to_pass_one(lm, tokenizer):
     default = lm.compare(PROMPTS[:1], adapters=["upper"], max_new_tokens=12)
     assert default.texts == lm.compare(PROMPTS[:1], adapters=["upper"], tokenizer=tokenizer, max_new_tokens=12).texts
