@@ -42,7 +42,7 @@ def wrap(
             Requests page registered adapters in and evict the least recently used.
         max_cpu: adapters kept in the host cache, each in one contiguous (pinned on CUDA) buffer.
         max_rank: preallocate the slot buffers for this rank; adapters of higher rank are refused.
-        progress: tqdm bars when registering or loading many adapters (only on a terminal).
+        progress: tqdm bars when registering or loading many adapters (in a notebook or on a terminal).
 
     A model this library already wraps gives back its existing wrapper (re-running a notebook cell
     is harmless); its settings stay as they were.

@@ -21,19 +21,12 @@ import time
 from pathlib import Path
 
 from . import demo
+from .notebook import spec_label
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORDS = ("weight", "python")  # both held out from training (demo.is_heldout)
 BLEND = {"upper": 1.0, "shift": 0.5}
-
-
-def _spec_label(spec) -> str:
-    if spec is None:
-        return "base"
-    if isinstance(spec, str):
-        return spec
-    return " + ".join(f"{w:g}·{name}" for name, w in spec.items())
 
 
 def run_demo(args) -> int:
@@ -116,7 +109,7 @@ def _results_table(rows, answers, title: str):
             failures += not ok
             mark = "[green]✓" if ok else "[red]✗"
         shown = answer.encode("unicode_escape").decode("ascii")  # the blend may write control bytes
-        table.add_row(_spec_label(spec), Text(demo.prompt(word)), Text(shown), Text(want), mark)
+        table.add_row(spec_label(spec), Text(demo.prompt(word)), Text(shown), Text(want), mark)
     return table, failures
 
 

@@ -53,6 +53,11 @@ class AdapterInfo:
         return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes,
                    fingerprint(path))
 
+    def _repr_html_(self) -> str:
+        from .notebook import adapter_html  # the HTML views live together, in notebook.py
+
+        return adapter_html(self)
+
 
 @dataclass(frozen=True)
 class HostAdapter:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import patch
+from . import notebook, patch
 from .adapters import read_config
 from .backends import resolve_backend
 from .compat import Compat
@@ -52,6 +52,15 @@ from .store import AdapterInfo, HostAdapter, HostCache, fingerprint
 logger = logging.getLogger(__name__)
 
 _UNSET = object()
+
+
+def progress_bar(items, desc: str, enabled: bool = True):
+    """A tqdm.auto bar over ``items``: a widget in a notebook, text on a terminal, and nothing for a
+    script writing to a pipe or a file, for fewer than two items, or with ``enabled=False``."""
+    items = list(items)
+    in_notebook = "ipykernel.zmqshell" in sys.modules  # the check tqdm.auto makes to draw a widget
+    shown = enabled and len(items) >= 2 and (in_notebook or sys.stderr.isatty())
+    return tqdm(items, desc=desc, disable=not shown)
 
 
 class Lease:
@@ -142,8 +151,8 @@ class LoraGraph(Compat):
         return info
 
     def register_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Register many adapters, with a progress bar on a terminal."""
-        for name, path in self._progress(paths.items(), "registering adapters"):
+        """Register many adapters, with a progress bar in a notebook or on a terminal."""
+        for name, path in progress_bar(paths.items(), "registering adapters", self.progress):
             self.register_adapter(name, path, allow_pickle=allow_pickle)
 
     def load_adapter(self, name: str, path: str | os.PathLike | None = None, allow_pickle: bool = False,
@@ -178,8 +187,8 @@ class LoraGraph(Compat):
         return self._infos[name]
 
     def load_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Load many adapters, with a progress bar on a terminal."""
-        for name, path in self._progress(paths.items(), "loading adapters"):
+        """Load many adapters, with a progress bar in a notebook or on a terminal."""
+        for name, path in progress_bar(paths.items(), "loading adapters", self.progress):
             self.load_adapter(name, path, allow_pickle=allow_pickle)
 
     def unload_adapter(self, name: str) -> None:
@@ -230,7 +239,7 @@ class LoraGraph(Compat):
         with self._lock:
             for name in names:
                 self._require(name)
-            self._resident.prefetch(self._progress(names, "prefetching adapters"), self._host_copy)
+            self._resident.prefetch(progress_bar(names, "prefetching adapters", self.progress), self._host_copy)
 
     def memory(self) -> dict:
         """Bytes per tier: device slot buffers and the adapter bytes they hold, and the host cache."""
@@ -344,11 +353,6 @@ class LoraGraph(Compat):
         if name not in self._infos:
             raise ValueError(f"unknown adapter {name!r} (registered: {', '.join(sorted(self._infos)) or 'none'})")
 
-    def _progress(self, items, desc: str):
-        items = list(items)
-        disable = not self.progress or len(items) < 2 or not sys.stderr.isatty()
-        return tqdm(items, desc=desc, disable=disable)
-
     # -- teardown ---------------------------------------------------------------------------
     def unwrap(self) -> nn.Module:
         """Restore the original modules, remove the hooks and return the same model object."""
@@ -368,6 +372,9 @@ class LoraGraph(Compat):
     def _check_live(self) -> None:
         if not self._live:
             raise RuntimeError("this wrapper was unwrapped; call lora_graph.wrap(model) again")
+
+    # -- Jupyter (lora_graph.notebook; pandas, matplotlib and ipywidgets are imported on first use) --
+    compare, sweep, mixer, _repr_html_ = notebook.compare, notebook.sweep, notebook.mixer, notebook.wrapper_html
 
     # -- conveniences -----------------------------------------------------------------------
 

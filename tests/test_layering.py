@@ -90,8 +90,9 @@ def test_kernels_import_only_torch_triton_and_stdlib(path):
     assert not bad, f"kernels/{path.name} imports {sorted(bad)}"
 
 
-# above the wrapper: they load an HF model, then wrap it
-ENTRY_POINTS = {"cli.py", "demo.py", "serve/app.py", "serve/loading.py"}
+# cli.py, demo.py, serve/app.py and serve/loading.py sit above the wrapper: they load an HF model,
+# then wrap it; notebook.py loads the model's tokenizer (AutoTokenizer) when a caller passes none
+ENTRY_POINTS = {"cli.py", "demo.py", "serve/app.py", "serve/loading.py", "notebook.py"}
 # patch.py knows transformers' module types; serve/hf_batching.py its continuous batching
 KNOWS_TRANSFORMERS = {"patch.py", "serve/hf_batching.py"}
 

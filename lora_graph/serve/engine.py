@@ -293,9 +293,7 @@ def generate_batch(lm, inputs, adapters=None, max_new_tokens: int = 16, do_sampl
                    progress: bool | None = None, **engine_kwargs) -> list[list[int]]:
     """Continuous batching, offline: every input's generated token ids, in input order. ``adapters``
     is one SPEC per input (or one SPEC for all, or None for the base)."""
-    import sys
-
-    from tqdm.auto import tqdm
+    from ..wrapper import progress_bar
 
     inputs = [list(map(int, ids)) for ids in inputs]
     if isinstance(adapters, (list, tuple)):
@@ -307,14 +305,11 @@ def generate_batch(lm, inputs, adapters=None, max_new_tokens: int = 16, do_sampl
     for i, spec in enumerate(specs):
         resolve_spec(spec, lm.adapters)  # every SPEC checked before anything runs
     temperature = (1.0 if temperature is None else temperature) if do_sample else 0.0
-    show = lm.progress if progress is None else progress
-    bar = tqdm(total=len(inputs), desc="generating", disable=not show or len(inputs) < 2 or not sys.stderr.isatty())
     engine_kwargs.setdefault("max_queue", max(len(inputs), 1))
-    with Engine(lm, **engine_kwargs) as engine, bar:
+    with Engine(lm, **engine_kwargs) as engine:
         requests = [engine.submit(ids, spec, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=None if seed is None else seed + i)
                     for i, (ids, spec) in enumerate(zip(inputs, specs))]
-        for request in requests:
+        for request in progress_bar(requests, "generating", lm.progress if progress is None else progress):
             request.done.wait()
-            bar.update(1)
         return [request.result() for request in requests]
