@@ -211,15 +211,22 @@ def measure(config: tuple, names, device, hbm: dict) -> dict:
 
 def sweep(todo: list[tuple], names, device, hbm: dict, deadline: float | None = None, on_row=None):
     """Measure every configuration in order; ``(rows, skipped)``. With a ``deadline`` (time.time()),
-    a configuration that would likely end past it (as long as the slowest so far) is skipped."""
+    a configuration that would likely end past it (as long as the slowest so far) is skipped; one
+    that raises is listed among the skipped with its error."""
     rows, skipped, slowest = [], [], 0.0
     with torch.inference_mode():
         for config in todo:
+            label = "{} {} T={} adapters={}".format(*config[:1], *config[3:])
             if deadline is not None and time.time() + slowest > deadline:
-                skipped.append("{} {} T={} adapters={}".format(*config[:1], *config[3:]))
+                skipped.append(label)
                 continue
             t0 = time.time()
-            row = measure(config, names, device, hbm)
+            try:
+                row = measure(config, names, device, hbm)
+            except Exception as exc:  # noqa: BLE001  one configuration that fails (compile, memory) ends alone
+                skipped.append(f"{label}: failed: {type(exc).__name__}: {exc}"[:500])
+                print(skipped[-1], flush=True)
+                continue
             slowest = max(slowest, time.time() - t0)
             rows.append(row)
             times = "  ".join(f"{p} {row['ms'][p] * 1e3:8.1f}us" + (

@@ -18,7 +18,8 @@ medians, and a ratio to the base is the median of the per-round ratios.
 Fewer layers than the model has change the ratios: per-forward costs (routing, the lane layout)
 are shared by fewer layers. The JSON says how many layers ran.
 
-    python benchmarks/bench_model_gpu.py [--shape 8b] [--layers 32] [--batches 32 64] [--out benchmarks/results/model_gpu.json]
+    python benchmarks/bench_model_gpu.py [--shape 8b] [--layers 32] [--batches 32 64] [--adapters 1 8 32 64]
+                                         [--out benchmarks/results/model_gpu.json]
     python benchmarks/bench_model_gpu.py --smoke     # tiny shapes on CPU: checks the script, writes nothing
 
 Without CUDA (and without --smoke) it exits with a message and writes nothing.
