@@ -54,6 +54,7 @@ import collections
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,7 +163,9 @@ def start_part(report: Report):
         raise RuntimeError("no CUDA device (torch.cuda.is_available() is False); on a CPU, use --dry-run")
     else:
         device = torch.device("cuda")
-    env = {**environment(), "triton": triton.__version__, "lora_graph": lora_graph.__file__}
+    env = {**environment(), "triton": triton.__version__, "lora_graph": lora_graph.__file__,
+           # Triton builds its launchers with the host C compiler: none, and no kernel can run
+           "c_compiler": os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
@@ -501,6 +504,8 @@ def part_bandwidth(report: Report, device) -> None:
         todo = bk.configs({"toy": (129, 96)}, decode=(8,), prefill=(16,), adapters=("1", "8"))
     else:
         todo = bk.configs(bk.SHAPES, decode=(32, 128), prefill=(2048,), adapters=bk.ADAPTERS)
+        first = [c for c in todo if c[3:] == ("decode", 128, "128")]  # the target's rows, one per shape
+        todo = first + [c for c in todo if c not in first]
     names = ("triton_inplace", "triton", "torch", "peft_loop")
     rows, skipped = bk.sweep(todo, names, device, hbm, deadline=report.deadline, on_row=lambda r: report.add("rows", r))
     for what in skipped:
@@ -704,10 +709,12 @@ def run_part(name: str, limit: float, out_dir: Path, dry: bool) -> dict:
     reader = threading.Thread(target=relay, args=(proc.stdout, name, tail), daemon=True)
     reader.start()
     try:
-        returncode, timed_out = proc.wait(timeout=limit), False
+        proc.wait(timeout=limit)
+        timed_out = False
     except subprocess.TimeoutExpired:
-        stop_group(proc)
-        returncode, timed_out = proc.wait(), True
+        timed_out = True
+    stop_group(proc)  # at the limit; after a normal end, whatever the part left running (compile workers)
+    returncode = proc.wait()
     reader.join(timeout=5)
     report = settle(path, name, returncode, timed_out, list(tail), time.time() - start, limit)
     print(f"== {name}: {report['status']} in {report['wall_s']:.0f} s", flush=True)
@@ -721,7 +728,7 @@ def relay(stream, name: str, tail) -> None:
 
 
 def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the part's process group, SIGKILL a few seconds later if it is still there."""
+    """SIGTERM to the part's process group, SIGKILL a few seconds later if the part is still there."""
     for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -802,7 +809,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     parts = [p for p in PARTS if p in args.parts]
     limits = {p: PARTS[p][1 if args.dry_run else 0] * args.scale for p in parts}
-    print(f"gpu_check: {', '.join(parts)} in at most {sum(limits.values()):.0f} s; reports in {out_dir}", flush=True)
+    within = "two at a time, toy sizes on CPU" if args.dry_run else f"in at most {sum(limits.values()):.0f} s"
+    print(f"gpu_check: {', '.join(parts)} ({within}); reports in {out_dir}", flush=True)
     reports, saved = {}, 0.0
     if args.dry_run:  # its timings mean nothing: two parts at a time, the longest first
         order = sorted(parts, key=lambda p: -limits[p])
