@@ -1,10 +1,10 @@
 """How long does it take to load an adapter, and to switch the adapter a request uses?
 
 A Llama-8B-shaped base (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, bf16)
-is built on the meta device and given storage with ``to_empty``: its weight pages are never
-touched, so it costs no memory and no time, and nothing here runs a forward. The vocabulary is
-tiny (256), since embeddings are not targeted. Two bf16 PEFT adapters are written with random
-factors:
+is built on the meta device and given storage with ``to_empty``: its weights are never written
+or read, so on CPU their pages are never touched and cost no memory (on a GPU they hold 16 GB of
+device memory), and nothing here runs a forward. The vocabulary is tiny (256), since embeddings
+are not targeted. Two bf16 PEFT adapters are written with random factors:
 - big: r=16 on every linear layer of every block (224 modules, 84 MB);
 - small: r=8 on q_proj and v_proj (64 modules, 6 MB).
 
