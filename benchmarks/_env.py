@@ -1,14 +1,62 @@
-"""What every benchmark records beside its numbers: the machine, the versions and the commit."""
+"""What every benchmark needs beside its numbers: this checkout's lora_graph, and a record of the machine,
+the versions and the commit.
+
+A benchmark may run from a plain copy of the repository, with nothing installed (a GPU machine that
+is lent for one run). ``use_checkout()`` then makes ``import lora_graph`` load this checkout, whose
+``kernels/`` folder is the package ``lora_graph.kernels`` (pyproject's package-dir mapping), without
+putting the repository root on ``sys.path``: that would expose ``kernels/`` as a top-level
+``kernels``, a name that belongs to Hugging Face's package, which transformers and bitsandbytes
+import.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def use_checkout() -> None:
+    """Make ``import lora_graph`` load this checkout, unless it already does (an editable install).
+
+    Registers ``lora_graph`` and ``lora_graph.kernels`` from their folders; call it before anything
+    imports lora_graph."""
+    found = importlib.util.find_spec("lora_graph")
+    if found is not None and found.origin and Path(found.origin).resolve() == ROOT / "lora_graph" / "__init__.py":
+        return
+    if "lora_graph" in sys.modules:
+        raise RuntimeError(f"another lora_graph is imported already: {sys.modules['lora_graph'].__file__}")
+
+    def register(name: str, folder: Path):
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        return spec, module
+
+    package_spec, package = register("lora_graph", ROOT / "lora_graph")
+    kernels_spec, kernels = register("lora_graph.kernels", ROOT / "kernels")
+    kernels_spec.loader.exec_module(kernels)
+    package.kernels = kernels
+    package_spec.loader.exec_module(package)
+
+
+def sources_digest() -> str:
+    """sha256 of the library's sources (lora_graph/ and kernels/): names the code measured even
+    where the copy that ran had no git history."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("lora_graph/**/*.py"), *ROOT.glob("kernels/*.py")]):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def git_commit() -> str:
@@ -38,7 +86,8 @@ def cpu_name() -> str:
 
 
 def environment() -> dict:
-    """device, thread count, python/torch/transformers/peft versions and the git commit."""
+    """device, thread count, python/torch/CUDA/transformers/peft/triton versions, the git commit and
+    the sources' digest."""
     import importlib.metadata as md
 
     def version(pkg: str) -> str | None:
@@ -54,11 +103,13 @@ def environment() -> dict:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "transformers": version("transformers"),
         "peft": version("peft"),
         "triton": version("triton"),
         "bitsandbytes": version("bitsandbytes"),
         "commit": git_commit(),
+        "sources_sha256": sources_digest(),
     }
 
 

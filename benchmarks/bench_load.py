@@ -1,10 +1,10 @@
 """How long does it take to load an adapter, and to switch the adapter a request uses?
 
 A Llama-8B-shaped base (hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads, bf16)
-is built on the meta device and given storage with ``to_empty``: its weight pages are never
-touched, so it costs no memory and no time, and nothing here runs a forward. The vocabulary is
-tiny (256), since embeddings are not targeted. Two bf16 PEFT adapters are written with random
-factors:
+is built on the meta device and given storage with ``to_empty``: its weights are never written
+or read, so on CPU their pages are never touched and cost no memory (on a GPU they hold 16 GB of
+device memory), and nothing here runs a forward. The vocabulary is tiny (256), since embeddings
+are not targeted. Two bf16 PEFT adapters are written with random factors:
 - big: r=16 on every linear layer of every block (224 modules, 84 MB);
 - small: r=8 on q_proj and v_proj (64 modules, 6 MB).
 
@@ -31,47 +31,56 @@ descheduled thread, and the numbers measure that instead.)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
 
+
 import torch
-from _env import environment, write_json
-from peft import LoraConfig, PeftModel
-from peft.utils.hotswap import hotswap_adapter
+from _env import environment, use_checkout, write_json
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import lora_graph
+use_checkout()
+import lora_graph  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"big": dict(rank=16, targets=ALL_LINEAR), "small": dict(rank=8, targets=["q_proj", "v_proj"])}
 DTYPE = torch.bfloat16
 
 
-def base_model(device: torch.device) -> LlamaForCausalLM:
-    """Llama-8B shapes with uninitialised storage that is never read."""
-    config = LlamaConfig(vocab_size=256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8)
+
+
+def base_model(device: torch.device, **shape) -> LlamaForCausalLM:
+    """Llama-8B shapes (or ``shape``'s) with uninitialised storage that is never read."""
+    config = LlamaConfig(vocab_size=256, max_position_embeddings=4096, **{**LLAMA_8B, **shape})
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(DTYPE)
     return model.to_empty(device=device).eval()
 
 
-def write_adapter(model, folder: str, rank: int, targets: list[str], seed: int) -> str:
-    """A PEFT adapter directory with random non-zero bf16 factors, in PEFT's key layout."""
+def write_adapter(model, folder: str, rank: int, targets: list[str], seed: int, std: float = 0.01,
+                  dtype: torch.dtype = DTYPE) -> str:
+    """A PEFT adapter directory with random non-zero factors (``std`` each), in PEFT's key layout;
+    the config is written as PEFT's ``save_pretrained`` would, with ``lora_alpha = 2r``."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] in targets:
             key = f"base_model.model.{name}"
-            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, module.in_features, generator=gen) * 0.01).to(DTYPE)
-            tensors[f"{key}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=gen) * 0.01).to(DTYPE)
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, module.in_features, generator=gen) * std).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=gen) * std).to(dtype)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM").save_pretrained(folder)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False}
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     return folder
 
 
@@ -161,6 +170,9 @@ def bench_lora_graph(model, paths, device, run, repeats: int) -> dict:
 
 
 def bench_peft(model, paths, device, run, repeats: int) -> dict:
+    from peft import PeftModel
+    from peft.utils.hotswap import hotswap_adapter
+
     out = {}
     dev = str(device)
     peft_model = None
