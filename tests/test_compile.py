@@ -229,7 +229,13 @@ def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_nam
     recompiles. The traced layers read their lanes per thread, so neither thread sees the other's.
     A hook after the wrapper's own makes each forward wait, once its routing is published, until
     the other thread's forward has published its own too: lanes shared between threads would then
-    be read by the wrong forward."""
+    be read by the wrong forward.
+
+    With the torch backend, whose branch runs outside the graph (a graph break per layer), dynamo
+    itself sometimes recompiles the top-level frame once when two threads evaluate its guards at
+    the same time ("runtime guards failed even though they passed during recompilation-reason
+    analysis"): only its outputs are checked there. The triton backend's traced layers, whose lanes
+    come per thread, are held to no recompilation."""
     import threading
 
     ids = token_ids(3, 5, seed=44)
@@ -273,7 +279,7 @@ def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_nam
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch._dynamo.config.patch(error_on_recompile=backend_name == "triton"):
         threads = [threading.Thread(target=run, args=(specs,)) for specs in plans.values()]
         for t in threads:
             t.start()
@@ -282,4 +288,5 @@ def test_compiled_forwards_from_two_threads_at_once(pristine, saved, backend_nam
     hook.remove()
     assert not any(t.is_alive() for t in threads), "a thread did not finish"
     assert not errors, errors[0]
-    assert counter.frame_count == frames, f"{counter.frame_count - frames} frames were compiled again"
+    if backend_name == "triton":
+        assert counter.frame_count == frames, f"{counter.frame_count - frames} frames were compiled again"
