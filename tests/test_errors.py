@@ -143,7 +143,6 @@ REFUSED = [
     ("kasa_config", {}),
     ("layer_replication", [[0, 2], [1, 2]]),
     ("megatron_config", {"tensor_model_parallel_size": 1}),
-    ("use_dora", True),
 ]
 
 
