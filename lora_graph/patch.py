@@ -69,9 +69,7 @@ def weight_rows(module: nn.Module):
     param = module.weight
     kind = type(param).__name__
     if kind == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        dense = bnbf.dequantize_4bit(param.data, param.quant_state)  # (N, K)
+        dense = _dequantize_4bit(param)  # (N, K)
         return lambda start, stop: _fp32_copy(dense[start:stop])
     if kind == "Int8Params":
         import bitsandbytes.functional as bnbf
@@ -84,6 +82,29 @@ def weight_rows(module: nn.Module):
     if isinstance(module, nn.Embedding) or (Conv1D and isinstance(module, Conv1D)):
         return lambda start, stop: _fp32_copy(weight[:, start:stop].t())  # stored (in, out)
     return lambda start, stop: _fp32_copy(weight[start:stop])
+
+
+def _dequantize_4bit(param) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight, dequantized ``(N, K)``.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks the weight for its CPU kernel at the layer's
+    first forward (``packing_format_for_cpu``: codes reordered, the block scales rounded to bf16
+    and transposed), a layout ``dequantize_4bit`` misreads. The codes are then put back in order
+    with bitsandbytes' own inverse and the block scales read as they are now (bf16, the values
+    the forward multiplies by), all on copies: the module keeps its layout."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    state = param.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return bnbf.dequantize_4bit(param.data, state)
+    scales = state.absmax.t().reshape(-1).float()  # (N*K / blocksize,) in the original block order
+    state = copy.copy(state)
+    state.original_nested = False  # keep the inverse from re-quantizing the scales
+    codes, state = bnbf._convert_weight_packed_for_cpu_inverse(param.data.clone(), state)
+    state.absmax, state.dtype = scales, torch.float32
+    return bnbf.dequantize_4bit(codes, state)
 
 
 def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
