@@ -160,7 +160,8 @@ def _dora_expand_kernel(
         base_bias = tl.load(base_bias_ptr + offs_n * stride_base_bias_n, mask=mask_n, other=0.0)
         base -= base_bias.to(tl.float32)[None, :]
     weight = tl.load(weight_ptr + offs_m, mask=mask_m, other=0.0)
-    acc = weight[:, None] * (scale * (g[None, :] * acc) + (g[None, :] - 1.0) * base)
+    # the LoRA lane's w·s·acc, then times g: with g = 1 the LoRA kernel's value, bit for bit
+    acc = acc * (weight * scale)[:, None] * g[None, :] + (weight[:, None] * (g[None, :] - 1.0)) * base
 
     out_ptrs = out_ptr + token[:, None] * stride_ot + offs_n[None, :] * stride_on
     out = tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
