@@ -252,13 +252,16 @@ def read_adapter(
             continue
         parts.setdefault(found[0], {})[found[1]] = tensor
 
-    modules: dict[str, ModuleLora] = {}
-    magnitudes: dict[str, torch.Tensor] = {}
-    for name, found in parts.items():
-        modules[name] = _check_module(folder, name, found, shapes.get(name), settings)
-        if settings.use_dora:
-            magnitudes[name] = found[_MAGNITUDE]
+    modules = {name: _check_module(folder, name, found, shapes.get(name), settings) for name, found in parts.items()}
+    _check_targets(folder, modules, shapes, settings)
+    if settings.use_dora:  # last: everything cheap to check has been checked
+        modules = _with_dora_scales(folder, modules, parts, base_rows)
+    return AdapterWeights(str(folder), settings, modules)
 
+
+def _check_targets(folder, modules: dict[str, ModuleLora], shapes: dict[str, ModuleShape], settings) -> None:
+    """The modules the file holds are the ones the config selects (or, for an init that leaves B at
+    zero, a subset of them)."""
     targeted = {n for n in shapes if settings.targets(n)}
     stray = sorted(set(modules) - targeted)
     if stray:
@@ -279,13 +282,12 @@ def read_adapter(
             )
     if not modules:
         raise ValueError(f"{folder}: the adapter holds no LoRA weights")
-    if settings.use_dora:  # last: everything cheap to check has been checked
-        modules = _with_dora_scales(folder, modules, magnitudes, base_rows)
-    return AdapterWeights(str(folder), settings, modules)
 
 
-def _with_dora_scales(folder, modules: dict[str, ModuleLora], magnitudes: dict[str, torch.Tensor],
+def _with_dora_scales(folder, modules: dict[str, ModuleLora], parts: dict[str, dict[str, torch.Tensor]],
                       base_rows) -> dict[str, ModuleLora]:
+    """``modules`` with each one's DoRA ``g``, computed from its ``lora_magnitude_vector`` in
+    ``parts`` and the base weight's rows, one module at a time."""
     if base_rows is None:
         raise ValueError(f"{folder}: a DoRA adapter needs the model's base weights to compute its norms")
     out = {}
@@ -294,7 +296,7 @@ def _with_dora_scales(folder, modules: dict[str, ModuleLora], magnitudes: dict[s
             rows = base_rows(name)
         except TypeError as exc:
             raise ValueError(f"{folder}: cannot compute DoRA's norm for module {name!r}: {exc}") from None
-        out[name] = replace(lora, mag=dora_scale(lora, magnitudes[name], rows))
+        out[name] = replace(lora, mag=dora_scale(lora, parts[name][_MAGNITUDE], rows))
     return out
 
 

@@ -171,6 +171,38 @@ def test_mixed_batch_matches_peft_per_adapter(arch, length, backend, dora_dirs):
                 assert torch.equal(got[i], base[i]), f"base row {i} differs from the base model"
 
 
+def ulp16(x: torch.Tensor, dtype: torch.dtype) -> float:
+    """One unit in the last place of ``dtype`` at the magnitude of ``x``."""
+    mantissa = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    return 2.0 ** (math.floor(math.log2(x.abs().max().item())) - mantissa)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_16bit_base_matches_peft(arch, dtype, backend, dora_dirs):
+    """A bf16 or fp16 base with fp32 adapters: g from the weight upcast to fp32, as PEFT computes it.
+    Per row within 8 ulps of PEFT's own 16-bit output (every layer rounds its output, and the
+    differences grow through the layers), and no further from an fp32 run of the same 16-bit
+    weights than twice PEFT's error plus one ulp (test_models.py's bf16 rule)."""
+    dirs = {n: dora_dirs(arch)[n] for n in ("d1", "d2", "c")}
+    model = tiny_model(arch, dtype=dtype)
+    names = ["d1", "__base__", "d2", "c", "d1"]
+    ids = token_ids(len(names), 6, seed=13)
+    expected = peft_rows(peft_oracle(model, dirs), names, input_ids=ids)
+    ref32 = peft_rows(peft_oracle(copy.deepcopy(model).float(), dirs), names, input_ids=ids)
+    lm = wrapped(model, dirs, backend)
+    with torch.no_grad():
+        got = lm(input_ids=ids, adapters=[None if n == "__base__" else n for n in names]).logits
+    assert got.dtype == dtype
+    for i, name in enumerate(names):
+        ulp = ulp16(ref32[i], dtype)
+        torch.testing.assert_close(got[i].float(), expected[i].float(), atol=8 * ulp, rtol=0,
+                                   msg=lambda m: f"row {i} ({name}): {m}")
+        ours, theirs = (got[i].float() - ref32[i]).abs().max(), (expected[i].float() - ref32[i]).abs().max()
+        assert ours <= 2 * theirs + ulp, f"row {i} ({name}): {ours:.3g} from fp32 > 2 x PEFT's {theirs:.3g} + 1 ulp"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_dora_on_embeddings_matches_peft(arch, backend, tmp_path):
