@@ -44,8 +44,9 @@ _PREFIX = "base_model.model."
 _PARTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_embedding_A", "lora_embedding_B",
           "lora_magnitude_vector")
 _MAGNITUDE = "lora_magnitude_vector"
-# Elements of W + s·B·A formed at once while computing DoRA's norms (4 MB in fp32).
-_NORM_CHUNK = 1 << 20
+# Elements of W + s·B·A formed at once while computing DoRA's norms: 1 MB of fp32 rows, which
+# stays in cache between the copy, the addmm and the norm (measured fastest of 256 KB to 16 MB).
+_NORM_CHUNK = 1 << 18
 _FULL = ("base_layer.weight",)
 
 

@@ -523,12 +523,14 @@ def test_dora_packed_runs_of_different_lengths():
     assert torch.equal(want[3:5], base[3:5])
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["BLK", "TK"])
 @pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
 @pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
 @pytest.mark.parametrize("kind", ["identity-shared-weight", "strided", "distinct", "uniform", "multi-lane", "bias"])
-def test_dora_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
+def test_dora_bound_branch_is_the_op(kind, per_row, early, flat, monkeypatch):
     """The bound fast forms with DoRA slots are :func:`grouped_delta` bit for bit, and right per
-    lane (the reference), on ``(B, L, K)`` activations, with and without a base bias."""
+    lane (the reference), on ``(B, L, K)`` activations (the per-run tables broadcast against the
+    output) and flattened ``(T, K)`` ones (viewed per run), with and without a base bias."""
     monkeypatch.setattr(torch_backend, "_EARLY_ELEMENTS", 1 << 30 if early else 0)
     k, n, batch = 48, 40, ROWS_PER_BATCH
     bank = make_bank(make_dora_loras(k, n, bias=kind == "bias"), k, n, torch.float32)
@@ -540,6 +542,8 @@ def test_dora_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
         rows = popularity("distinct" if kind == "bias" else kind, batch, 4 if kind in ("distinct", "bias") else 8)
     g = torch.Generator().manual_seed(12)
     x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
+    if flat:
+        x, base = x.view(-1, k), base.view(-1, n)  # (T, K), (T, N)
     bb = torch.randn(n, generator=g) if kind in ("bias", "uniform") else None
     grid, ops = dora_ops(bank, RoutingPlan(rows), batch * per_row, bb)
     assert ops.base_scale is not None

@@ -333,12 +333,7 @@ def bind(ops: Operands, grid: Grid, shape: torch.Size):
 
     if ops.bias is not None or (grid.identity and ops.shared_coef is None):
         return _no_pre, unsplit
-    rescale = None
-    if ops.base_scale is not None:  # DoRA: the base output scaled per run, just before the add
-
-        def rescale(out):
-            rescale_base(out.view(num_tokens, -1), ops, grid)
-
+    rescale = None if ops.base_scale is None else _rescaler(ops, grid, shape, num_tokens)
     if grid.identity:
         return _bind_identity(ops, num_tokens, k, delta, rescale)
     pre, post = _bind_grouped(ops, grid, shape, num_tokens, k, delta, rescale)
@@ -349,6 +344,27 @@ def bind(ops: Operands, grid: Grid, shape: torch.Size):
         return post(pre(x), x, base)
 
     return _no_pre, after
+
+
+def _rescaler(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int):
+    """DoRA's :func:`rescale_base` for outputs shaped like ``shape[:-1] + (N,)``, in place. Where
+    the runs are the output's first dimension (batch rows, or one token per run) the tables are
+    broadcast against it as they are: one call per layer."""
+    scale, shift = ops.base_scale, ops.base_shift
+    runs, n = scale.shape
+    lead = tuple(shape[:-1])
+    if grid.run_length is None or not lead or lead[0] != runs:
+
+        def rescale(out):
+            rescale_base(out.view(num_tokens, n), ops, grid)
+
+        return rescale
+    view = (runs, *(1,) * (len(lead) - 1), n)  # (G, 1, ..., N): each run's tokens after dim 0
+    scale = scale.view(view)
+    if shift is None:
+        return lambda out: out.mul_(scale)
+    shift = shift.view(view)
+    return lambda out: torch.addcmul(shift, out, scale, out=out)
 
 
 def _bind_identity(ops: Operands, num_tokens: int, k: int, delta, rescale):
