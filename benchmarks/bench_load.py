@@ -237,6 +237,9 @@ def bench_dora(folder: str, repeats: int) -> dict:
     spec = ADAPTERS["big"]
     lora = write_adapter(model, os.path.join(folder, "dora_as_lora"), spec["rank"], spec["targets"], seed=30)
     dora = write_adapter(model, os.path.join(folder, "dora"), spec["rank"], spec["targets"], seed=30, dora=True)
+    # every module's norm reads its whole weight (blocks share them, so count per module)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] in spec["targets"])
     run = timer(torch.device("cpu"))
     lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
     lm.load_adapter("x", lora)
@@ -248,8 +251,6 @@ def bench_dora(folder: str, repeats: int) -> dict:
         loras.append(run(lambda: lm.load_adapter("x", lora, replace=True), 1))
         doras.append(run(lambda: lm.load_adapter("x", dora, replace=True), 1))
     assert lm.adapters["x"].use_dora
-    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] in spec["targets"])
     lm.unwrap()
     t0 = time.perf_counter()
     peft_model = PeftModel.from_pretrained(model, dora, adapter_name="x", torch_device="cpu")
