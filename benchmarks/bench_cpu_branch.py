@@ -12,6 +12,11 @@ one call each per round. Times are medians; a ratio is the median over
 rounds of that round's time over the base's time in the same round, so slow drifts of a shared
 machine cancel out.
 
+DoRA: the same for 1 and 8 DoRA adapters (``use_dora=True``, same ranks and targets, rows
+interleaved), in a second wrapper over the same base weights, timed in the same rounds as the LoRA
+wrapper on the same row pattern. ``dora_over_lora`` is the median over rounds of the DoRA time over
+the LoRA time. PEFT has no DoRA mixed batch (``adapter_names`` refuses DoRA), so it is left out.
+
     python benchmarks/bench_cpu_branch.py [--repeats 30] [--out benchmarks/results/cpu_branch.json]
 """
 
@@ -34,15 +39,16 @@ from _env import environment, write_json
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def make_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
+def make_adapters(model, folder: str, count: int, rank: int, dora: bool = False) -> dict[str, str]:
     paths = {}
+    prefix = "d" if dora else "a"
     for i in range(count):
         torch.manual_seed(100 + i)
         pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                                             init_lora_weights=False))
-        path = os.path.join(folder, f"a{i}")
+                                                             init_lora_weights=False, use_dora=dora))
+        path = os.path.join(folder, f"{prefix}{i}")
         pm.save_pretrained(path)
-        paths[f"a{i}"] = path
+        paths[f"{prefix}{i}"] = path
     return paths
 
 
@@ -52,9 +58,60 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
-    """Median over rounds of each provider's time over the base's time in the same round."""
-    return {p: statistics.median(t / b for t, b in zip(v, times["base"])) for p, v in times.items()}
+def paired_ratios(times: dict[str, list[float]], over: str = "base") -> dict[str, float]:
+    """Median over rounds of each provider's time over ``over``'s time in the same round."""
+    return {p: statistics.median(t / b for t, b in zip(v, times[over])) for p, v in times.items()}
+
+
+def time_mix(fns, cfg, ids, step_ids, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Per provider, the times of its decode steps and prefills, the providers interleaved."""
+    # decode: one token per row over a ctx-long cache, cropped back after each step
+    caches = {}
+    for p, fn in fns.items():
+        cache = DynamicCache(config=cfg)
+        fn(input_ids=ids, past_key_values=cache, use_cache=True)
+        caches[p] = cache
+    decode = {p: [] for p in fns}
+    for _ in range(3):
+        for p, fn in fns.items():
+            fn(input_ids=step_ids, past_key_values=caches[p], use_cache=True)
+            caches[p].crop(-1)
+    for _ in range(repeats):
+        for p, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(input_ids=step_ids, past_key_values=caches[p], use_cache=True)
+            decode[p].append(time.perf_counter() - t0)
+            caches[p].crop(-1)
+    # prefill: ctx tokens per row, no cache
+    prefill = {p: [] for p in fns}
+    for _ in range(2):
+        for fn in fns.values():
+            fn(input_ids=ids, use_cache=False)
+    for _ in range(max(5, repeats // 3)):
+        for p, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(input_ids=ids, use_cache=False)
+            prefill[p].append(time.perf_counter() - t0)
+    return {"decode": decode, "prefill": prefill}
+
+
+def summary(times: dict[str, dict[str, list[float]]]) -> dict:
+    out = {}
+    for phase, per in times.items():
+        out[f"{phase}_ms"] = {p: statistics.median(v) * 1e3 for p, v in per.items()}
+        out[f"{phase}_ratio"] = paired_ratios(per)
+        if "lora_graph_dora" in per:
+            out[f"{phase}_dora_over_lora"] = paired_ratios(per, "lora_graph")["lora_graph_dora"]
+    return out
+
+
+def report(mix: str, result: dict) -> None:
+    for phase in ("decode", "prefill"):
+        ms, ratio = result[f"{phase}_ms"], result[f"{phase}_ratio"]
+        line = "  ".join(f"{p} {ms[p]:7.2f} ms ({ratio[p]:.3f}x)" for p in ms)
+        if f"{phase}_dora_over_lora" in result:
+            line += f"  dora/lora {result[f'{phase}_dora_over_lora']:.3f}x"
+        print(f"{mix:>20}  {phase:7s} {line}")
 
 
 def main() -> None:
@@ -73,14 +130,21 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     paths = make_adapters(base, folder, 8, args.rank)
 
+    dora_paths = make_adapters(base, folder, 8, args.rank, dora=True)
+
     lg_model = shared_copy(base)
     lm = lora_graph.wrap(lg_model)
     for name, path in paths.items():
         lm.load_adapter(name, path)
     names = list(paths)
+    dora_model = shared_copy(base)
+    lm_dora = lora_graph.wrap(dora_model)
+    for name, path in dora_paths.items():
+        lm_dora.load_adapter(name, path)
+    dora_names = list(dora_paths)
     peft = PeftModel.from_pretrained(shared_copy(base), paths[names[0]], adapter_name=names[0])
-    weights = {t.data_ptr() for t in base.parameters()}  # one set of base weights for all three
-    assert weights == {t.data_ptr() for t in lg_model.parameters()}
+    weights = {t.data_ptr() for t in base.parameters()}  # one set of base weights for all of them
+    assert weights == {t.data_ptr() for t in lg_model.parameters()} == {t.data_ptr() for t in dora_model.parameters()}
     assert weights <= {t.data_ptr() for t in peft.parameters()}
     for name in names[1:]:
         peft.load_adapter(paths[name], adapter_name=name)
@@ -91,63 +155,26 @@ def main() -> None:
     step_ids = torch.randint(0, cfg.vocab_size, (b, 1))
     shuffled = torch.randperm(b, generator=torch.Generator().manual_seed(0)).tolist()
     mixes = {
-        "1 adapter": [names[0]] * b,
+        "1 adapter": [0] * b,
         # rows interleaved a0..a7, a0..a7: each adapter's rows are a strided view of the batch
-        "8 adapters": [names[i % 8] for i in range(b)],
+        "8 adapters": [i % 8 for i in range(b)],
         # the same rows in a random order: the general case, gathered and scattered by index
-        "8 adapters, shuffled": [names[i % 8] for i in shuffled],
+        "8 adapters, shuffled": [i % 8 for i in shuffled],
     }
-
-    def providers(rows):
-        return {
-            "base": lambda **kw: base(**kw),
-            "lora_graph": lambda **kw: lm(adapters=rows, **kw),
-            "peft": lambda **kw: peft(adapter_names=rows, **kw),
-        }
+    dora_mixes = {"1 DoRA adapter": mixes["1 adapter"], "8 DoRA adapters": mixes["8 adapters"]}
 
     results = {}
     with torch.inference_mode():
-        for mix, rows in mixes.items():
-            fns = providers(rows)
-            # decode: one token per row over a ctx-long cache, cropped back after each step
-            caches = {}
-            for p, fn in fns.items():
-                cache = DynamicCache(config=cfg)
-                fn(input_ids=ids, past_key_values=cache, use_cache=True)
-                caches[p] = cache
-            times = {p: [] for p in fns}
-            for _ in range(3):
-                for p, fn in fns.items():
-                    fn(input_ids=step_ids, past_key_values=caches[p], use_cache=True)
-                    caches[p].crop(-1)
-            for _ in range(args.repeats):
-                for p, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn(input_ids=step_ids, past_key_values=caches[p], use_cache=True)
-                    times[p].append(time.perf_counter() - t0)
-                    caches[p].crop(-1)
-            decode = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-            decode_ratio = paired_ratios(times)
-            # prefill: ctx tokens per row, no cache
-            times = {p: [] for p in fns}
-            for _ in range(2):
-                for fn in fns.values():
-                    fn(input_ids=ids, use_cache=False)
-            for _ in range(max(5, args.repeats // 3)):
-                for p, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn(input_ids=ids, use_cache=False)
-                    times[p].append(time.perf_counter() - t0)
-            prefill = {p: statistics.median(v) * 1e3 for p, v in times.items()}
-            prefill_ratio = paired_ratios(times)
-            results[mix] = {
-                "decode_ms": decode,
-                "prefill_ms": prefill,
-                "decode_ratio": decode_ratio,
-                "prefill_ratio": prefill_ratio,
-            }
-            print(f"{mix:>20}  decode  " + "  ".join(f"{p} {decode[p]:7.2f} ms ({decode_ratio[p]:.3f}x)" for p in decode))
-            print(f"{mix:>20}  prefill " + "  ".join(f"{p} {prefill[p]:7.1f} ms ({prefill_ratio[p]:.3f}x)" for p in prefill))
+        for mix, rows in {**mixes, **dora_mixes}.items():
+            lora_rows = [names[i] for i in rows]
+            fns = {"base": lambda **kw: base(**kw), "lora_graph": lambda rows=lora_rows, **kw: lm(adapters=rows, **kw)}
+            if mix in dora_mixes:
+                dora_rows = [dora_names[i] for i in rows]
+                fns["lora_graph_dora"] = lambda rows=dora_rows, **kw: lm_dora(adapters=rows, **kw)
+            else:
+                fns["peft"] = lambda rows=lora_rows, **kw: peft(adapter_names=rows, **kw)
+            results[mix] = summary(time_mix(fns, cfg, ids, step_ids, args.repeats))
+            report(mix, results[mix])
 
     out = {
         "benchmark": "cpu_branch",

@@ -22,7 +22,16 @@ Load speeds are given in GB/s of adapter bytes, next to a plain copy of the same
 round copies, then loads. Medians are reported; lora_graph's fraction of the copy speed is the
 median of the per-round ratios.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_load.py [--repeats 10] [--out benchmarks/results/load.json]
+DoRA (``--dora-repeats``, on by default): a big adapter of the same shape with ``use_dora=True``.
+Loading it computes ``g = m / ‖W + s·B·A‖`` for every module, which reads the base weights, so this
+part needs real ones: a second base whose 32 blocks share one block's linear weights, drawn at
+random (``randn · 0.02`` in bf16), so it holds 0.44 GB instead of 14 GB. Every module's norm still
+reads a whole weight matrix (32 to 117 MB, far beyond the caches) from memory, as with 32
+distinct blocks. Each round loads the LoRA adapter and then the DoRA adapter with the same factors
+into the same wrapper (``replace=True``); the difference is the norms. PEFT's DoRA load, which also
+computes the norms (on the whole ``B·A``), is timed once.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_load.py [--repeats 10] [--dora-repeats 3] [--out benchmarks/results/load.json]
 
 (On a CPU shared with other jobs, more OpenMP threads than idle cores make every op wait for a
 descheduled thread, and the numbers measure that instead.)
@@ -31,7 +40,6 @@ descheduled thread, and the numbers measure that instead.)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -41,6 +49,7 @@ import time
 
 import torch
 from _env import environment, use_checkout, write_json
+from peft import LoraConfig
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,10 +73,25 @@ def base_model(device: torch.device, **shape) -> LlamaForCausalLM:
     return model.to_empty(device=device).eval()
 
 
+def shared_weight_model() -> LlamaForCausalLM:
+    """The Llama-8B shape with real values in its linear weights, for DoRA's norms: block 0's are
+    drawn at random and every other block's modules share them (0.44 GB instead of 14 GB)."""
+    model = base_model(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(7)
+    first = model.model.layers[0]
+    for name, module in first.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen).mul_(0.02))
+            for layer in model.model.layers[1:]:
+                layer.get_submodule(name).weight = module.weight
+    return model
+
+
 def write_adapter(model, folder: str, rank: int, targets: list[str], seed: int, std: float = 0.01,
-                  dtype: torch.dtype = DTYPE) -> str:
-    """A PEFT adapter directory with random non-zero factors (``std`` each), in PEFT's key layout;
-    the config is written as PEFT's ``save_pretrained`` would, with ``lora_alpha = 2r``."""
+                  dtype: torch.dtype = DTYPE, dora: bool = False) -> str:
+    """A PEFT adapter directory with random non-zero factors (``std`` each), in PEFT's key layout,
+    with ``lora_alpha = 2r``; with ``dora``, a DoRA adapter (magnitudes in [0.5, 1.5))."""
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
@@ -75,12 +99,12 @@ def write_adapter(model, folder: str, rank: int, targets: list[str], seed: int, 
             key = f"base_model.model.{name}"
             tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, module.in_features, generator=gen) * std).to(dtype)
             tensors[f"{key}.lora_B.weight"] = (torch.randn(module.out_features, rank, generator=gen) * std).to(dtype)
+            if dora:
+                tensors[f"{key}.lora_magnitude_vector"] = (torch.rand(module.out_features, generator=gen) + 0.5).to(dtype)
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False}
-    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, task_type="CAUSAL_LM",
+               use_dora=dora).save_pretrained(folder)
     return folder
 
 
@@ -214,9 +238,44 @@ def bench_peft(model, paths, device, run, repeats: int) -> dict:
     return out
 
 
+def bench_dora(folder: str, repeats: int) -> dict:
+    """Rounds of a LoRA load then a DoRA load of the same factors (``replace=True``) into one
+    wrapper over a model with real base weights; PEFT's DoRA load once."""
+    model = shared_weight_model()
+    spec = ADAPTERS["big"]
+    lora = write_adapter(model, os.path.join(folder, "dora_as_lora"), spec["rank"], spec["targets"], seed=30)
+    dora = write_adapter(model, os.path.join(folder, "dora"), spec["rank"], spec["targets"], seed=30, dora=True)
+    # every module's norm reads its whole weight (blocks share them, so count per module)
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and n.rpartition(".")[2] in spec["targets"])
+    run = timer(torch.device("cpu"))
+    lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
+    lm.load_adapter("x", lora)
+    lm.load_adapter("x", dora, replace=True)
+    loras, doras = [], []
+    for _ in range(repeats):
+        warm_page_cache(lora)
+        warm_page_cache(dora)
+        loras.append(run(lambda: lm.load_adapter("x", lora, replace=True), 1))
+        doras.append(run(lambda: lm.load_adapter("x", dora, replace=True), 1))
+    assert lm.adapters["x"].use_dora
+    lm.unwrap()
+    t0 = time.perf_counter()
+    peft_model = PeftModel.from_pretrained(model, dora, adapter_name="x", torch_device="cpu")
+    peft_s = time.perf_counter() - t0
+    assert any("lora_magnitude_vector" in n for n, _ in peft_model.named_parameters())
+    lora_s, dora_s = statistics.median(loras), statistics.median(doras)
+    return {"rank": spec["rank"], "targets": spec["targets"], "base_weight_bytes_read": weight_bytes,
+            "repeats": repeats, "lora_graph_lora_load_s": lora_s, "lora_graph_dora_load_s": dora_s,
+            "norms_s": dora_s - lora_s, "norms_GBps_of_base_weights": weight_bytes / (dora_s - lora_s) / 1e9,
+            "peft_dora_load_s": peft_s,
+            "weights": "32 blocks sharing block 0's linear weights, randn * 0.02 in bf16"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dora-repeats", type=int, default=3, help="rounds of the DoRA load (0: skip it)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "load.json"))
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,6 +307,10 @@ def main() -> None:
             entry["lora_graph_load"]["of_copy"] = lg[f"{kind}_load_of_copy"]  # paired rounds
             results[kind] = entry
         results["switch"] = {"lora_graph_use_s": lg["switch_s"], "peft_set_adapter_s": pf["switch_s"]}
+        if args.dora_repeats and device.type == "cpu":
+            del model
+            with torch.inference_mode():
+                results["dora"] = bench_dora(folder, args.dora_repeats)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -277,6 +340,12 @@ def main() -> None:
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
           f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")
+    if "dora" in results:
+        d = results["dora"]
+        print(f"DoRA big: lora_graph {d['lora_graph_dora_load_s']:.2f} s (the LoRA load of the same factors "
+              f"{d['lora_graph_lora_load_s'] * 1e3:.1f} ms; norms {d['norms_s']:.2f} s over "
+              f"{d['base_weight_bytes_read'] / 1e9:.1f} GB of base weights, {d['norms_GBps_of_base_weights']:.2f} GB/s), "
+              f"PEFT load {d['peft_dora_load_s']:.2f} s")
 
 
 if __name__ == "__main__":

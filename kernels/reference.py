@@ -2,6 +2,11 @@
 
     out[t] = base[t] + Σ_{lanes l of token t}  w_l · s[slot_l] · (B[slot_l] (A[slot_l] x[t]) + b[slot_l])
 
+and, for a lane of a DoRA slot (``factors.mag``, ``g = mag[slot_l]``; 1 for a LoRA slot), PEFT's
+``dora.py`` per lane, with the base layer's own bias taken off the base output as PEFT does:
+
+    w_l · ( s[slot_l] · g ⊙ (B (A x[t]) + b) + (g − 1) ⊙ (base[t] − base_bias) )
+
 Each function here is the reference of the Triton op of the same name in triton_ops.py: it takes the
 same ``Factors`` (the whole bank, stacked by slot) and the same ``Lanes`` (kernels/lanes.py), and
 walks the lanes chunk by chunk, pass by pass, in the order the kernels do. Within a chunk (at most
@@ -39,12 +44,17 @@ def lora_shrink(x: torch.Tensor, factors: Factors, lanes: Lanes) -> torch.Tensor
     return h
 
 
-def lora_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes) -> torch.Tensor:
+def lora_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes,
+                base_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``base`` plus ``w · s · (h·Bᵀ + b)`` of every covered lane, accumulated in fp32 pass by pass
-    and rounded to ``base.dtype`` once. ``h`` is ``(SPLIT_K, L, R')``: its partial sums are added."""
-    b, bias, scale, rank = factors.b, factors.bias, factors.scale, factors.rank
+    and rounded to ``base.dtype`` once. ``h`` is ``(SPLIT_K, L, R')``: its partial sums are added.
+    With ``factors.mag`` a lane adds ``w · (s·g ⊙ (h·Bᵀ + b) + (g − 1) ⊙ (base − base_bias))``,
+    ``base`` being the value passed in, never the partial sums."""
+    b, bias, scale, rank, mag = factors.b, factors.bias, factors.scale, factors.rank, factors.mag
     out = base.float().clone()
     h = h.sum(0)  # (L, R')
+    if mag is not None:  # DoRA: the base output without the base layer's bias, as PEFT takes it
+        nobias = base.float() if base_bias is None else base.float() - base_bias.float()
     for p in range(lanes.num_passes):
         for s, start, end in _chunks(lanes, p):
             r = int(rank[s])
@@ -53,13 +63,20 @@ def lora_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: La
             y = h[start:end, :r] @ b[s, :, :r].float().T  # (M, N)
             if bias is not None:
                 y = y + bias[s].float()
-            coef = lanes.weight[start:end, None] * scale[s].float()  # (M, 1)
-            out.index_add_(0, lanes.token[start:end].long(), coef * y)
+            weight = lanes.weight[start:end, None]  # (M, 1)
+            token = lanes.token[start:end].long()
+            if mag is None:
+                out.index_add_(0, token, weight * scale[s].float() * y)
+                continue
+            g = mag[s].float()  # (N,)
+            out.index_add_(0, token, weight * (scale[s].float() * (g * y) + (g - 1) * nobias[token]))
     return out.to(base.dtype)
 
 
-def lora_delta(x: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes) -> torch.Tensor:
-    """The LoRA branch of every lane added to ``base``, in ``base.dtype``.
+def lora_delta(x: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes,
+               base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The LoRA branch of every lane added to ``base``, in ``base.dtype``. ``base_bias`` is the
+    base layer's own bias, read only for DoRA slots.
 
     Semantics::
 
@@ -68,10 +85,14 @@ def lora_delta(x: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lan
             y = b[s, :, :r].float() @ (a[s, :r].float() @ x[t].float())
             if bias is not None:
                 y = y + bias[s].float()
-            out[t] += w * scale[s] * y
+            if mag is None:
+                out[t] += w * scale[s] * y
+            else:                                   # DoRA; g = 1 for a LoRA slot
+                g = mag[s]
+                out[t] += w * (scale[s] * g * y + (g - 1) * (base[t].float() - base_bias))
         return out.to(base.dtype)
     """
-    return lora_expand(lora_shrink(x, factors, lanes), base, factors, lanes)
+    return lora_expand(lora_shrink(x, factors, lanes), base, factors, lanes, base_bias)
 
 
 def lora_embedding_delta(
@@ -89,7 +110,11 @@ def lora_embedding_delta(
         out = base.float()
         for each lane l = (t, s, w), r = rank[s] > 0:
             y = b[s, :, :r].float() @ a[s, :r, ids[t]].float()
-            out[t] += w * scale[s] * y * embed_scale
+            if mag is None:
+                out[t] += w * scale[s] * y * embed_scale
+            else:                                   # DoRA (PEFT scales the base output by g)
+                g = mag[s]
+                out[t] += w * (scale[s] * g * y * embed_scale + (g - 1) * base[t].float())
         return out.to(base.dtype)
     """
     a, rank = factors.a, factors.rank

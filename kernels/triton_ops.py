@@ -2,9 +2,10 @@
 
     out[t] = base[t] + Σ_{lanes l of token t}  w_l · s[slot_l] · (B[slot_l] (A[slot_l] x[t]) + b[slot_l])
 
-Same semantics as :func:`kernels.reference.lora_delta`, but the kernels read the whole bank
-directly (no gather of the used slots, no padding grid) and loop each slot to its real rank. Two
-launches per layer (one per pass for weighted sets), whatever the number of distinct adapters:
+and DoRA's form of the lane for the slots of ``factors.mag`` (kernels/factors.py). Same semantics
+as :func:`kernels.reference.lora_delta`, but the kernels read the whole bank directly (no gather
+of the used slots, no padding grid) and loop each slot to its real rank. Two launches per layer
+(one expand per pass for weighted sets), whatever the number of distinct adapters:
 
     lanes = build_lanes(lane_token, lane_slot, lane_weight, S, passes)   # once per forward and bank size
     y = lora_delta(x, base, factors, lanes)                              # per layer
@@ -18,7 +19,7 @@ Integration notes (``from lora_graph.kernels import triton_ops``; it imports tri
   in it or in the ops reads a device value on the host, so a decode step can be captured in a CUDA
   graph.
 - The kernels take the whole bank (``Factors``: ``a (S, R, K)``, ``b (S, N, R)``, ``bias (S, N)``,
-  ``scale (S,)``, ``rank (S,)``) as the bank stores it: no gather of the used slots. A slot of rank 0
+  ``scale (S,)``, ``rank (S,)``, ``mag (S, N)``) as the bank stores it: no gather of the used slots. A slot of rank 0
   adds nothing, whatever its other values, so one lane layout serves every layer of a forward,
   including layers whose bank does not hold some of its slots. Values past a slot's rank are never
   read.
@@ -55,44 +56,46 @@ _BLOCK_K = 128  # the shrink's K tile, also the split-K granularity
 @torch.library.custom_op("lora_graph::lora_shrink", mutates_args=())
 def _shrink_op(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-    rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
-    chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
+    rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+    chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _shrink(x, Factors(a, b, bias, scale, rank), lanes, split_k=split_k, block_k=_BLOCK_K)
+    return _shrink(x, Factors(a, b, bias, scale, rank, mag), lanes, split_k=split_k, block_k=_BLOCK_K)
 
 
 @_shrink_op.register_fake
-def _(x, a, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k):
+def _(x, a, b, bias, scale, rank, mag, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k):
     return x.new_empty((split_k, token.shape[0], a.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("lora_graph::lora_expand", mutates_args=())
 def _expand_op(
     h: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
-    chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
+    scale: torch.Tensor, rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+    chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
+    base_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _expand(h, base, Factors(a, b, bias, scale, rank), lanes)
+    return _expand(h, base, Factors(a, b, bias, scale, rank, mag), lanes, base_bias=base_bias)
 
 
 @_expand_op.register_fake
-def _(h, base, a, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m):
+def _(h, base, a, b, bias, scale, rank, mag, token, weight, chunk_slot, chunk_start, chunk_end, block_m, base_bias=None):
     return base.new_empty(base.shape)
 
 
 @torch.library.custom_op("lora_graph::lora_expand_", mutates_args=("base",))
 def _expand_inplace_op(
     h: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
-    chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
+    scale: torch.Tensor, rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+    chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
+    base_bias: torch.Tensor | None = None,
 ) -> None:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    _expand(h, base, Factors(a, b, bias, scale, rank), lanes, inplace=True)
+    _expand(h, base, Factors(a, b, bias, scale, rank, mag), lanes, inplace=True, base_bias=base_bias)
 
 
-def _delta(x, base, factors: Factors, lanes: Lanes, split_k: int, inplace: bool) -> torch.Tensor:
+def _delta(x, base, factors: Factors, lanes: Lanes, split_k: int, inplace: bool, base_bias) -> torch.Tensor:
     a, b = factors.a, factors.b
     if x.dim() != 2 or x.shape[0] != base.shape[0] or a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (
         b.shape[0], b.shape[2]
@@ -101,39 +104,43 @@ def _delta(x, base, factors: Factors, lanes: Lanes, split_k: int, inplace: bool)
             f"shapes do not agree: x {tuple(x.shape)}, base {tuple(base.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
     h = _shrink(x, factors, lanes, split_k=split_k, block_k=_BLOCK_K)  # (SPLIT_K, L, R)
-    return _expand(h, base, factors, lanes, inplace=inplace)
+    return _expand(h, base, factors, lanes, inplace=inplace, base_bias=base_bias)
 
 
 @torch.library.custom_op("lora_graph::lora_delta", mutates_args=())
 def _delta_op(
     x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+    scale: torch.Tensor, rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
     chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
+    base_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    return _delta(x, base, Factors(a, b, bias, scale, rank), lanes, split_k, inplace=False)
+    return _delta(x, base, Factors(a, b, bias, scale, rank, mag), lanes, split_k, False, base_bias)
 
 
 @_delta_op.register_fake
-def _(x, base, a, b, bias, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k):
+def _(x, base, a, b, bias, scale, rank, mag, token, weight, chunk_slot, chunk_start, chunk_end, block_m, split_k,
+      base_bias=None):
     return base.new_empty(base.shape)
 
 
 @torch.library.custom_op("lora_graph::lora_delta_", mutates_args=("base",))
 def _delta_inplace_op(
     x: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-    scale: torch.Tensor, rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor,
+    scale: torch.Tensor, rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
     chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, split_k: int,
+    base_bias: torch.Tensor | None = None,
 ) -> None:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
-    _delta(x, base, Factors(a, b, bias, scale, rank), lanes, split_k, inplace=True)
+    _delta(x, base, Factors(a, b, bias, scale, rank, mag), lanes, split_k, True, base_bias)
 
 
 @torch.library.custom_op("lora_graph::lora_embedding_delta", mutates_args=())
 def _embedding_delta_op(
     ids: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-    rank: torch.Tensor, token: torch.Tensor, weight: torch.Tensor, chunk_slot: torch.Tensor,
-    chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int, embed_scale: torch.Tensor | None,
+    rank: torch.Tensor, mag: torch.Tensor | None, token: torch.Tensor, weight: torch.Tensor,
+    chunk_slot: torch.Tensor, chunk_start: torch.Tensor, chunk_end: torch.Tensor, block_m: int,
+    embed_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     lanes = Lanes(token, weight, chunk_slot, chunk_start, chunk_end, block_m)
     if ids.dim() != 1 or ids.shape[0] != base.shape[0] or a.dim() != 3 or b.dim() != 3 or a.shape[:2] != (
@@ -142,7 +149,7 @@ def _embedding_delta_op(
         raise ValueError(
             f"shapes do not agree: ids {tuple(ids.shape)}, base {tuple(base.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
-    factors = Factors(a, b, None, scale, rank)
+    factors = Factors(a, b, None, scale, rank, mag)
     h = lora_embedding_shrink(ids, factors, lanes)  # (1, L, R)
     if embed_scale is not None:
         h.mul_(embed_scale.float())
@@ -150,7 +157,7 @@ def _embedding_delta_op(
 
 
 @_embedding_delta_op.register_fake
-def _(ids, base, a, b, scale, rank, token, weight, chunk_slot, chunk_start, chunk_end, block_m, embed_scale):
+def _(ids, base, a, b, scale, rank, mag, token, weight, chunk_slot, chunk_start, chunk_end, block_m, embed_scale):
     return base.new_empty(base.shape)
 
 
@@ -171,6 +178,7 @@ def lora_delta(
     lanes: Lanes,
     split_k: int | None = None,
     inplace: bool = False,
+    base_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``base`` plus the LoRA branch of every lane, in ``base.dtype``; one op for torch.compile.
 
@@ -182,16 +190,19 @@ def lora_delta(
         base: ``(T, N)`` output of the untouched base layer.
         factors: the bank: ``a (S, R, K)`` and ``b (S, N, R)`` in fp32, fp16 or bf16 (not
             necessarily the same), ``bias (S, N)`` or None, ``scale (S,)`` float (``alpha / r``
-            or rsLoRA's, per slot) and ``rank (S,)`` integer (``<= R``).
+            or rsLoRA's, per slot), ``rank (S,)`` integer (``<= R``) and ``mag (S, N)`` float
+            (DoRA's per-slot ``g``) or None.
         lanes: :func:`build_lanes` of the forward's lanes for ``S`` slots.
         split_k: K-splits of the shrink; default: enough programs to fill the GPU.
         inplace: update ``base`` and return it.
+        base_bias: ``(N,)`` the base layer's own bias, which DoRA takes off the base output; read
+            only with ``mag``.
 
     Semantics: :func:`kernels.reference.lora_delta` on the same operands; tokens with several
     lanes add them in pass order, deterministically.
     """
     split_k = _split_k(split_k, x, lanes, factors)
-    args = (x, base, *factors, *lanes[:5], lanes.block_m, split_k)
+    args = (x, base, *factors, *lanes[:5], lanes.block_m, split_k, base_bias)
     if inplace:
         _delta_inplace_op(*args)
         return base
@@ -206,10 +217,10 @@ def lora_shrink(x: torch.Tensor, factors: Factors, lanes: Lanes, split_k: int | 
 
 
 def lora_expand(h: torch.Tensor, base: torch.Tensor, factors: Factors, lanes: Lanes,
-                inplace: bool = False) -> torch.Tensor:
-    """``base`` plus ``w · s · (h·Bᵀ + b)`` of every lane, in ``base.dtype`` (into ``base`` itself
-    with ``inplace=True``). See :func:`kernels.expand.lora_expand`."""
-    args = (h, base, *factors, *lanes[:5], lanes.block_m)
+                inplace: bool = False, base_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``base`` plus ``w · s · (h·Bᵀ + b)`` of every lane (DoRA's form for slots with ``mag``), in
+    ``base.dtype`` (into ``base`` itself with ``inplace=True``). See :func:`kernels.expand.lora_expand`."""
+    args = (h, base, *factors, *lanes[:5], lanes.block_m, base_bias)
     if inplace:
         _expand_inplace_op(*args)
         return base
@@ -237,5 +248,5 @@ def lora_embedding_delta(
     """
     if embed_scale is not None and not torch.is_tensor(embed_scale):
         embed_scale = torch.full((), float(embed_scale), dtype=torch.float32, device=base.device)  # no host copy
-    a, b, _, scale, rank = factors
-    return _embedding_delta_op(ids, base, a, b, scale, rank, *lanes[:5], lanes.block_m, embed_scale)
+    return _embedding_delta_op(ids, base, factors.a, factors.b, factors.scale, factors.rank, factors.mag, *lanes[:5],
+                               lanes.block_m, embed_scale)

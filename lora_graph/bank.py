@@ -1,8 +1,9 @@
 """AdapterBank: the LoRA factors of every resident adapter for one patched module, stacked by slot.
 
     factors   kernels' Factors record: a (S, R, K), b (S, N, R), bias (S, N) allocated only once some
-              adapter has one, scale (S,) and rank (S,) per-slot tables (0 for slots not held here)
-    scale, rank, with_bias   the same per slot as host data, for the torch backend's gathers
+              adapter has one, scale (S,) and rank (S,) per-slot tables (0 for slots not held here),
+              mag (S, N) fp32 allocated only once some DoRA adapter is placed (1 in LoRA slots)
+    scale, rank, with_bias, dora   the same per slot as host data, for the torch backend's gathers
 
 A slot is an adapter's row; slot ids are global to the wrapper, so one request resolves to the same
 slot in every module. A module that an adapter does not target simply does not hold its slot.
@@ -39,6 +40,7 @@ class BankState:
     scale: dict = field(default_factory=dict)  # slot -> float
     rank: dict = field(default_factory=dict)  # slot -> int
     with_bias: frozenset = frozenset()
+    dora: frozenset = frozenset()  # slots whose adapter is DoRA here (their ``factors.mag`` row is g)
 
     @cached_property
     def present(self) -> frozenset[int]:  # read by every forward of every patched layer
@@ -98,7 +100,7 @@ class AdapterBank:
     def nbytes(self) -> int:
         """The stacked factors' bytes (the small per-slot tables aside)."""
         f = self.state.factors
-        return sum(t.numel() * t.element_size() for t in (f.a, f.b, f.bias) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (f.a, f.b, f.bias, f.mag) if t is not None)
 
     def slot_nbytes(self, slot: int) -> int:
         """The bytes of the factors ``slot`` holds here, in the bank's dtype (0 if none)."""
@@ -107,7 +109,7 @@ class AdapterBank:
         if not r:
             return 0
         numel = r * (self.in_features + self.out_features) + (self.out_features if slot in st.with_bias else 0)
-        return numel * self.dtype.itemsize
+        return numel * self.dtype.itemsize + (self.out_features * 4 if slot in st.dora else 0)  # g is fp32
 
     # -- writes (under the lock) ------------------------------------------------------------------
     @torch.inference_mode(False)
@@ -120,11 +122,12 @@ class AdapterBank:
             self.device = device
             st = self.state
             moved = Factors(*(t.to(device) if t is not None else None for t in st.factors))
-            self._publish(BankState(moved, st.scale, st.rank, st.with_bias))
+            self._publish(BankState(moved, st.scale, st.rank, st.with_bias, st.dora))
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
         """Storage holding ``lora`` in ``slot``; the current state is not modified."""
-        a, b, bias, scale_t, rank_t = f = self.state.factors
+        f = self.state.factors
+        a, b, bias, scale_t, rank_t, mag = f
         have_slots, have_rank = a.shape[0], a.shape[1]
         slots = have_slots if slot < have_slots else max(slot + 1, 2 * have_slots if self.grow else 0)
         rank = max(have_rank, lora.rank)
@@ -143,7 +146,12 @@ class AdapterBank:
             if bias is not None:
                 new_bias[: bias.shape[0]] = bias
             bias = new_bias
-        return _Staged(slot, lora, Factors(a, b, bias, scale_t, rank_t))
+        if (mag is not None and mag.shape[0] < slots) or (mag is None and lora.mag is not None):
+            new_mag = self._zeros(slots, self.out_features, dtype=torch.float32).fill_(1.0)  # LoRA slots: g = 1
+            if mag is not None:
+                new_mag[: mag.shape[0]] = mag
+            mag = new_mag
+        return _Staged(slot, lora, Factors(a, b, bias, scale_t, rank_t, mag))
 
     def commit(self, staged: _Staged) -> None:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
@@ -172,6 +180,12 @@ class AdapterBank:
                 src.append(lora.bias)
             else:
                 f.bias[s].zero_()
+        if f.mag is not None:
+            if lora.mag is not None:
+                dst.append(f.mag[s])
+                src.append(lora.mag)
+            else:
+                f.mag[s].fill_(1.0)
         _set(f.scale, s, lora.scale)
         _set(f.rank, s, r)
 
@@ -190,7 +204,9 @@ class AdapterBank:
         s, lora = staged.slot, staged.lora
         st = self.state
         with_bias = st.with_bias | {s} if lora.bias is not None else st.with_bias - {s}
-        self._publish(BankState(staged.factors, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias))
+        dora = st.dora | {s} if lora.mag is not None else st.dora - {s}
+        self._publish(BankState(staged.factors, {**st.scale, s: lora.scale}, {**st.rank, s: lora.rank}, with_bias,
+                                dora))
 
     def remove(self, slot: int) -> None:
         st = self.state
@@ -200,4 +216,4 @@ class AdapterBank:
         del scale[slot], rank[slot]
         _set(st.factors.scale, slot, 0.0)  # no running forward routes to a slot being freed
         _set(st.factors.rank, slot, 0)
-        self._publish(BankState(st.factors, scale, rank, st.with_bias - {slot}))
+        self._publish(BankState(st.factors, scale, rank, st.with_bias - {slot}, st.dora - {slot}))

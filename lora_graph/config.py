@@ -3,7 +3,8 @@
 PEFT saves every `LoraConfig` field. Most are metadata or training-only. The ones that change the
 forward are honoured here exactly as PEFT does: the scale (`r`, `lora_alpha`, `use_rslora`,
 `rank_pattern`, `alpha_pattern`), which modules carry LoRA (`target_modules`, `exclude_modules`,
-`layers_to_transform`, `layers_pattern`) and `lora_bias`. Fields whose forward needs a mutated base
+`layers_to_transform`, `layers_pattern`), `lora_bias` and `use_dora` (DoRA's per-channel scale is
+computed at load, see adapters.py). Fields whose forward needs a mutated base
 or a different formula are refused with an error that names the field, so a user never gets
 silently wrong outputs. Unknown fields from a newer PEFT are refused too when they hold a value.
 """
@@ -39,7 +40,6 @@ _REFUSED_IF_SET = {
     "kasa_config": "KaSA truncates the base weight and adds a diagonal between A and B",
     "layer_replication": "it duplicates base layers",
     "megatron_config": "Megatron parallel layers are not supported",
-    "use_dora": "DoRA is not supported yet",
     "ensure_weight_tying": "tied lm_head/embedding LoRA is not supported yet",
 }
 
@@ -69,6 +69,7 @@ class LoraSettings:
     layers_pattern: tuple[str, ...] | None = None
     lora_bias: bool = False
     init_lora_weights: bool | str = True
+    use_dora: bool = False
 
     # -- which modules ------------------------------------------------------------------
     def targets(self, module_name: str) -> bool:
@@ -161,6 +162,7 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
         layers_pattern=layers_pattern,
         lora_bias=bool(raw.get("lora_bias", False)),
         init_lora_weights=raw.get("init_lora_weights", True),
+        use_dora=bool(raw.get("use_dora", False)),
     )
 
 
@@ -180,6 +182,8 @@ def _refuse_unsupported(raw: Mapping, source: str) -> None:
             refuse(name, why)
     if raw.get("bias", "none") != "none":
         refuse("bias", "bias training overwrites the shared base biases")
+    if raw.get("use_dora") and raw.get("lora_bias"):
+        refuse("lora_bias", "PEFT does not define lora_bias together with use_dora")
     init = raw.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         refuse("init_lora_weights", "this initialisation is only correct on a rewritten base weight")

@@ -57,6 +57,60 @@ def plain_weight(module: nn.Module | None) -> torch.Tensor | None:
     return None
 
 
+def weight_rows(module: nn.Module):
+    """``rows(start, stop)``: rows ``start:stop`` of ``module``'s weight in PEFT's ``(out, in)``
+    layout (an Embedding's ``(dim, vocab)``), dequantized as PEFT's ``dequantize_module_weight``
+    does, as a new fp32 tensor on the module's device: what DoRA's norm reads at load, a chunk of
+    rows at a time. The weight itself is only read.
+
+    A bitsandbytes 4-bit weight is quantized in blocks over the flattened matrix, so it is
+    dequantized whole, once per call of this function; LLM.int8 has one scale per row, and plain
+    weights are sliced. Raises TypeError for another weight format."""
+    param = module.weight
+    kind = type(param).__name__
+    if kind == "Params4bit":
+        dense = _dequantize_4bit(param)  # (N, K)
+        return lambda start, stop: _fp32_copy(dense[start:stop])
+    if kind == "Int8Params":
+        import bitsandbytes.functional as bnbf
+
+        scb = module.state.SCB if getattr(module.state, "SCB", None) is not None else param.SCB  # (N,)
+        return lambda start, stop: bnbf.int8_vectorwise_dequant(param.data[start:stop], scb[start:stop]).float()
+    weight = param.detach()
+    if type(param) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
+        raise TypeError(f"its weight is a {kind} of {weight.dtype}, which cannot be read densely")
+    if isinstance(module, nn.Embedding) or (Conv1D and isinstance(module, Conv1D)):
+        return lambda start, stop: _fp32_copy(weight[:, start:stop].t())  # stored (in, out)
+    return lambda start, stop: _fp32_copy(weight[start:stop])
+
+
+def _dequantize_4bit(param) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight, dequantized ``(N, K)``.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks the weight for its CPU kernel at the layer's
+    first forward (``packing_format_for_cpu``: codes reordered, the block scales rounded to bf16
+    and transposed), a layout ``dequantize_4bit`` misreads. The codes are then put back in order
+    with bitsandbytes' own inverse and the block scales read as they are now (bf16, the values
+    the forward multiplies by), all on copies: the module keeps its layout."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    state = param.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return bnbf.dequantize_4bit(param.data, state)
+    scales = state.absmax.t().reshape(-1).float()  # (N*K / blocksize,) in the original block order
+    state = copy.copy(state)
+    state.original_nested = False  # keep the inverse from re-quantizing the scales
+    codes, state = bnbf._convert_weight_packed_for_cpu_inverse(param.data.clone(), state)
+    state.absmax, state.dtype = scales, torch.float32
+    return bnbf.dequantize_4bit(codes, state)
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
 def module_device(module: nn.Module) -> torch.device:
     for tensor in module.parameters():
         return tensor.device

@@ -42,7 +42,8 @@ class Residency:
         """Read and validate an adapter directory against the model, into host memory."""
         modules = self.patched.originals
         weights = read_adapter(folder, self.patched.shapes, allow_pickle=allow_pickle,
-                               base_weight=lambda n: patch.plain_weight(modules.get(n)))
+                               base_weight=lambda n: patch.plain_weight(modules.get(n)),
+                               base_rows=lambda n: patch.weight_rows(modules[n]))
         if self.max_rank is not None:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
             if too_big:

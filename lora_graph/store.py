@@ -8,7 +8,8 @@ Three tiers, fastest first:
 
 Reading goes through mmap (adapters.py): each tensor is a view of the mapped file, validated in
 place and copied once, straight into the coalesced buffer (or, on a CPU model, into its slot), in
-the dtype the adapters are kept in.
+the dtype the adapters are kept in. A DoRA adapter's per-module ``g`` vectors stay fp32 whatever
+that dtype, in a second, small buffer that moves beside the first.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class AdapterInfo:
     targets: tuple[str, ...] | None = None
     nbytes: int | None = None
     files: tuple = ()  # fingerprint() of the directory when it was registered or read
+    use_dora: bool = False
 
     @classmethod
     def of(cls, name: str, path, settings: LoraSettings, weights: AdapterWeights | None = None,
@@ -49,9 +51,10 @@ class AdapterInfo:
         targets = nbytes = None
         if weights is not None:
             targets = tuple(sorted(weights.modules))
-            nbytes = weights.numel * dtype.itemsize  # the bytes its slots hold, in the banks' dtype
+            # the bytes its slots hold: factors in the banks' dtype, DoRA's g in fp32
+            nbytes = weights.numel * dtype.itemsize + weights.mag_numel * 4
         return cls(name, str(path), settings.r, settings.lora_alpha, settings.use_rslora, targets, nbytes,
-                   fingerprint(path))
+                   fingerprint(path), settings.use_dora)
 
     def _repr_html_(self) -> str:
         from .notebook import adapter_html  # the HTML views live together, in notebook.py
@@ -61,20 +64,20 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class HostAdapter:
-    """An adapter held in one contiguous host buffer; its ModuleLora tensors are views of it."""
+    """An adapter held in one contiguous host buffer; its ModuleLora tensors are views of it (and
+    a DoRA adapter's ``mag`` vectors views of ``mags``)."""
 
     weights: AdapterWeights
     buffer: torch.Tensor | None  # (numel,) in the adapters' dtype; None: views of the mapped file
+    mags: torch.Tensor | None = None  # (mag_numel,) fp32, DoRA's g of every module; None for LoRA
 
     @property
     def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size() if self.buffer is not None else 0
+        return sum(t.numel() * t.element_size() for t in (self.buffer, self.mags) if t is not None)
 
 
-def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdapter:
-    """Copy every factor of ``weights`` into one buffer of ``dtype`` (pinned if asked)."""
-    total = weights.numel
-    buffer = torch.empty(total, dtype=dtype, pin_memory=pin)
+def _taker(buffer: torch.Tensor):
+    """``take(t)``: ``t`` copied into the next free part of ``buffer``, as a view of it."""
     offset = 0
 
     def take(t: torch.Tensor) -> torch.Tensor:
@@ -84,31 +87,48 @@ def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdap
         offset += t.numel()
         return view
 
-    modules = {name: m.map(take) for name, m in weights.modules.items()}
-    return HostAdapter(AdapterWeights(weights.path, weights.settings, modules), buffer)
+    return take
+
+
+def coalesce(weights: AdapterWeights, dtype: torch.dtype, pin: bool) -> HostAdapter:
+    """Copy every factor of ``weights`` into one buffer of ``dtype`` (pinned if asked), and DoRA's
+    vectors into one fp32 buffer."""
+    buffer = torch.empty(weights.numel, dtype=dtype, pin_memory=pin)
+    mags = torch.empty(weights.mag_numel, dtype=torch.float32, pin_memory=pin) if weights.mag_numel else None
+    take, take_mag = _taker(buffer), (_taker(mags) if mags is not None else None)
+    modules = {name: m.map(take, take_mag) for name, m in weights.modules.items()}
+    return HostAdapter(AdapterWeights(weights.path, weights.settings, modules), buffer, mags)
 
 
 def to_device(host: HostAdapter, device: torch.device, stream=None) -> AdapterWeights:
-    """The adapter's factors on ``device``, moved in one transfer (views of one device buffer)."""
+    """The adapter's factors on ``device``, moved in one transfer (views of one device buffer), and
+    DoRA's vectors in a second, small one."""
     if host.buffer is None or host.buffer.device == device:
         return host.weights
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            flat = host.buffer.to(device, non_blocking=True)
+            moved = [t.to(device, non_blocking=True) if t is not None else None for t in (host.buffer, host.mags)]
         torch.cuda.current_stream(device).wait_stream(stream)
-        flat.record_stream(torch.cuda.current_stream(device))
+        for t in moved:
+            if t is not None:
+                t.record_stream(torch.cuda.current_stream(device))
     else:
-        flat = host.buffer.to(device, non_blocking=host.buffer.is_pinned())
-    base = host.buffer.data_ptr()
-    size = host.buffer.element_size()
+        moved = [t.to(device, non_blocking=t.is_pinned()) if t is not None else None for t in (host.buffer, host.mags)]
+    view, view_mag = (_viewer(src, dst) if src is not None else None for src, dst in zip((host.buffer, host.mags), moved))
+    modules = {n: m.map(view, view_mag) for n, m in host.weights.modules.items()}
+    return AdapterWeights(host.weights.path, host.weights.settings, modules)
+
+
+def _viewer(src: torch.Tensor, dst: torch.Tensor):
+    """``view(t)``: for a view ``t`` of ``src``, the same elements of ``dst`` (its copy)."""
+    base, size = src.data_ptr(), src.element_size()
 
     def view(t: torch.Tensor) -> torch.Tensor:
         start = (t.data_ptr() - base) // size
-        return flat[start : start + t.numel()].view(t.shape)
+        return dst[start : start + t.numel()].view(t.shape)
 
-    modules = {n: m.map(view) for n, m in host.weights.modules.items()}
-    return AdapterWeights(host.weights.path, host.weights.settings, modules)
+    return view
 
 
 class HostCache:

@@ -143,7 +143,6 @@ REFUSED = [
     ("kasa_config", {}),
     ("layer_replication", [[0, 2], [1, 2]]),
     ("megatron_config", {"tensor_model_parallel_size": 1}),
-    ("use_dora", True),
 ]
 
 
@@ -423,6 +422,69 @@ def test_lora_bias_without_lora_bias_in_config(served, saved, tmp_path):
         lm.load_adapter("new", path)
     assert "lora_bias" in _message(exc_info, path)
     assert_unchanged(lm, before)
+
+
+MAGNITUDE = ".lora_magnitude_vector"
+_Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj" + MAGNITUDE
+
+
+def _drop_one_magnitude(tensors):
+    del tensors[_Q_PROJ]
+
+
+def _short_magnitude(tensors):
+    tensors[_Q_PROJ] = tensors[_Q_PROJ][:-1].clone()
+
+
+# how a DoRA adapter is broken -> what the error must name
+BROKEN_DORA = {
+    "with_lora_bias": (lambda p: edit_adapter_config(p, lora_bias=True), "lora_bias"),
+    "a_magnitude_missing": (lambda p: edit_adapter_tensors(p, _drop_one_magnitude), "lora_magnitude_vector"),
+    "magnitudes_without_use_dora": (lambda p: edit_adapter_config(p, use_dora=False), "use_dora"),
+    "magnitude_of_the_wrong_size": (lambda p: edit_adapter_tensors(p, _short_magnitude), "lora_magnitude_vector"),
+}
+
+
+@pytest.fixture(scope="module")
+def dora_saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dora")
+    return save_adapter(tiny_model("llama"), str(root / "d0"), seed=4, target_modules=targets("llama"), r=4,
+                        lora_alpha=8, use_dora=True)
+
+
+@pytest.mark.parametrize("case", list(BROKEN_DORA))
+def test_broken_dora_adapter(served, saved, dora_saved, tmp_path, case):
+    lm, before = served
+    edit, culprit = BROKEN_DORA[case]
+    path = edit(copy_adapter(dora_saved, str(tmp_path / "x")))
+    with pytest.raises(ValueError) as exc_info:
+        lm.load_adapter("new", path)
+    assert culprit in _message(exc_info, path)
+    assert_unchanged(lm, before)
+    _assert_name_free(lm, "new", saved["third"])
+
+
+def test_dora_norm_failing_half_way_leaves_no_trace(served, saved, dora_saved, monkeypatch):
+    """A base weight that cannot be read for DoRA's norm (the fifth module here) fails the load
+    before anything is placed; the error names the module."""
+    from lora_graph import patch
+
+    lm, before = served
+    read, real = [], patch.weight_rows
+
+    def fifth_unreadable(module):
+        read.append(module)
+        if len(read) == 5:
+            raise TypeError("its weight is an unknown format")
+        return real(module)
+
+    monkeypatch.setattr(patch, "weight_rows", fifth_unreadable)
+    with pytest.raises(ValueError, match="DoRA's norm for module 'model.layers"):
+        lm.load_adapter("new", dora_saved)
+    assert len(read) == 5
+    monkeypatch.undo()
+    assert_unchanged(lm, before)
+    _assert_name_free(lm, "new", dora_saved)
 
 
 def test_failure_inside_the_forward(served):

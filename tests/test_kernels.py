@@ -271,6 +271,93 @@ def test_weighted_set_equals_sum_of_single_adapters():
 
 
 # ---------------------------------------------------------------------------------------------
+# DoRA: the per-slot g in the expand's epilogue
+
+
+def with_dora(factors: Factors, n: int, dora_slots, gen) -> Factors:
+    """``factors`` with ``mag``: g in [0.5, 1.5) on ``dora_slots``, exactly 1 on the others (LoRA)."""
+    mag = torch.ones(factors.num_slots, n)
+    for s in dora_slots:
+        mag[s] = 0.5 + torch.rand(n, generator=gen)
+    return factors._replace(mag=mag)
+
+
+# (T, K, N, x/base dtype, adapter dtype, ranks, S, popularity, lanes per weighted set, lora bias, base bias)
+DORA_CASES = [
+    (1, 129, 1000, F32, F32, (16,), 4, "identical", 1, False, True),
+    (7, 129, 129, F32, F32, MIXED, 6, "uniform", 3, True, True),
+    (7, 1000, 129, B16, B16, (4,), 3, "distinct", 1, False, False),
+    (64, 129, 129, F16, F32, MIXED, 8, "zipf", 2, True, True),
+    (64, 129, 1000, F32, B16, (16,), 4, "skewed", 2, False, False),
+    (300, 129, 129, B16, B16, (8,), 5, "uniform", 1, True, True),
+]
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("case", DORA_CASES, ids=lambda c: "T{}-N{}-{}-S{}-{}-m{}{}{}".format(
+    c[0], c[2], str(c[3])[6:], c[6], c[7], c[8], "-bias" if c[9] else "", "-basebias" if c[10] else ""))
+def test_dora_delta(case, inplace):
+    """DoRA slots (every other slot) beside LoRA slots in one bank: each lane adds
+    ``w·(s·g⊙(B(Ax) + b) + (g − 1)⊙(base − base_bias))``, with ``base`` the value passed in even when
+    a token's weighted set runs in several passes and the sums go into ``base`` itself."""
+    t, k, n, dtype, adapter_dtype, ranks, num_slots, popularity, multi, bias, has_base_bias = case
+    gen = torch.Generator().manual_seed(100 + DORA_CASES.index(case))
+    factors, with_nan = make_bank(num_slots, max(ranks), k, n, ranks, adapter_dtype, bias, gen)
+    dora = range(0, num_slots, 2)
+    factors = with_dora(factors, n, dora, gen)
+    with_nan = with_nan._replace(mag=factors.mag)
+    x = torch.randn(t, k, generator=gen).to(dtype)
+    base = torch.randn(t, n, generator=gen).to(dtype)
+    base_bias = torch.randn(n, generator=gen).to(dtype) if has_base_bias else None
+    tok, slot, w = make_lanes(t, num_slots, popularity, multi, gen)
+    lanes = build_lanes(tok, slot, w, num_slots, passes=multi, num_tokens=t)
+
+    target = base.clone()
+    out = lora_delta(x, target, with_nan, lanes, inplace=inplace, base_bias=base_bias)
+    assert (out is target) == inplace
+
+    f32_bias = None if base_bias is None else base_bias.float()
+    ref32 = reference.lora_delta(x.float(), base.float(), f32(factors), lanes, f32_bias)
+    same = reference.lora_delta(x, base, factors, lanes, base_bias)
+    assert_rule(out, ref32, same, ATOL[dtype])
+    untouched = torch.ones(t, dtype=torch.bool)
+    untouched[tok[(slot >= 0) & (w != 0)]] = False
+    assert torch.equal(out[untouched], base[untouched]), "a token with no adapter must get base exactly"
+    as_lora = reference.lora_delta(x.float(), base.float(), f32(factors)._replace(mag=None), lanes)
+    used = torch.isin(slot[(slot >= 0) & (w != 0)], torch.tensor(list(dora))).any()
+    assert not used or (ref32 - as_lora).abs().max() > 0.1, "g must matter in this case"
+
+
+def test_dora_slot_of_g_one_is_the_lora_lane():
+    """A bank whose slots all have g = 1 gives the LoRA kernel's result bit for bit, whatever the
+    base bias: the DoRA epilogue adds ``0 · base`` and multiplies by 1."""
+    gen = torch.Generator().manual_seed(9)
+    factors, _ = make_bank(4, 16, 129, 200, (16, 4), F32, True, gen)
+    x, base = torch.randn(9, 129, generator=gen), torch.randn(9, 200, generator=gen)
+    tok, slot, w = make_lanes(9, 4, "uniform", 2, gen)
+    lanes = build_lanes(tok, slot, w, 4, passes=2)
+    ones = factors._replace(mag=torch.ones(4, 200))
+    assert torch.equal(lora_delta(x, base, ones, lanes, base_bias=torch.randn(200, generator=gen)),
+                       lora_delta(x, base, factors, lanes))
+
+
+@pytest.mark.parametrize("dtype", [F32, B16])
+def test_dora_embedding_delta(dtype):
+    gen = torch.Generator().manual_seed(12)
+    t, vocab, n, num_slots = 40, 500, 129, 4
+    factors, with_nan = make_bank(num_slots, 16, vocab, n, (16, 4), dtype, False, gen)
+    factors = with_dora(factors._replace(a=factors.a * vocab**0.5), n, (1, 2), gen)
+    with_nan = with_nan._replace(a=with_nan.a * vocab**0.5, mag=factors.mag)
+    ids = torch.randint(0, vocab, (t,), generator=gen)
+    base = torch.randn(t, n, generator=gen).to(dtype)
+    tok, slot, w = make_lanes(t, num_slots, "uniform", 2, gen)
+    lanes = build_lanes(tok, slot, w, num_slots, passes=2)
+    out = lora_embedding_delta(ids, base, with_nan, lanes, embed_scale=3.0)
+    ref32 = reference.lora_embedding_delta(ids, base.float(), f32(factors), lanes, 3.0)
+    assert_rule(out, ref32, reference.lora_embedding_delta(ids, base, factors, lanes, 3.0), ATOL[dtype])
+
+
+# ---------------------------------------------------------------------------------------------
 # the two ops apart, embedding
 
 
@@ -396,6 +483,10 @@ def test_argument_checks():
     factors, _ = make_bank(2, 4, 129, 129, (4,), F32, False, gen)
     x, base = torch.randn(3, 129), torch.randn(3, 129)
     lanes = build_lanes(torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3), 2, passes=1)
+    with pytest.raises(ValueError, match="mag"):
+        lora_delta(x, base, factors._replace(mag=torch.ones(2, 128)), lanes)
+    with pytest.raises(ValueError, match="base_bias"):
+        lora_delta(x, base, factors._replace(mag=torch.ones(2, 129)), lanes, base_bias=torch.ones(128))
     with pytest.raises(ValueError, match="rank"):
         lora_delta(x, base, factors._replace(rank=factors.rank.float()), lanes)
     with pytest.raises(ValueError, match=r"a must be \(S, R, 100\)"):
@@ -455,6 +546,9 @@ def test_kernels_compile_for_sm90():
                         weight_ptr="fp32")
             compile(expand._expand_kernel, ptrs, dict(SPLIT_K=split, HAS_BIAS=bias, BLOCK_M=64, BLOCK_N=64,
                                                      BLOCK_R=16, stride_hr=1, stride_on=1))
+            ptrs = dict(ptrs, mag_ptr="fp32", base_ptr=out, base_bias_ptr=out)
+            compile(expand._dora_expand_kernel, ptrs, dict(SPLIT_K=split, HAS_BIAS=bias, HAS_BASE_BIAS=not bias,
+                                                          BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, stride_hr=1, stride_on=1))
         ptrs = dict(idx, ids_ptr="i64", a_ptr="bf16", rank_ptr="i32", h_ptr="fp32")
         compile(shrink._embedding_shrink_kernel, ptrs, dict(BLOCK_M=16, BLOCK_R=16, stride_av=1, stride_hr=1))
         print("COMPILED")

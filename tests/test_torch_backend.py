@@ -457,3 +457,138 @@ def test_lora_embedding_delta(kind, shape, dtype_name, embed_scale):
     assert (out.float() - base.float()).abs().max() > 1e-2
     lanes = RoutingPlan(rows).lanes(tokens, bank.factors.num_slots, CPU)
     check(reference.lora_embedding_delta(ids, base, bank.factors, lanes, scale), ref32, lowp, base, rows)
+
+
+# -- DoRA -----------------------------------------------------------------------------------------------
+
+DORA_SLOTS = {0, 2, 5}  # the others are LoRA slots (g = 1), some with a lora_B bias
+
+
+def make_dora_loras(k: int, n: int, bias: bool, seed: int = 0) -> list[ModuleLora]:
+    """make_loras with DoRA's g in [0.5, 1.5) on DORA_SLOTS."""
+    g = torch.Generator().manual_seed(seed + 100)
+    return [dataclasses.replace(lora, mag=0.5 + torch.rand(n, generator=g)) if slot in DORA_SLOTS else lora
+            for slot, lora in enumerate(make_loras(k, n, bias, seed))]
+
+
+def dora_ops(bank: AdapterBank, plan: RoutingPlan, num_tokens: int, base_bias):
+    grid = build_grid(plan, num_tokens, bank.present, CPU)
+    return grid, operands(gather(bank.state, grid.slots, CPU), bank.state, grid, base_bias)
+
+
+DORA_KINDS = ["distinct", "identical", "zipf", "no-adapter-rows", "multi-lane"]
+
+
+@pytest.mark.parametrize("base_bias", [False, True], ids=["", "base-bias"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=[DTYPE_IDS[d] for d in DTYPES])
+@pytest.mark.parametrize("kind", DORA_KINDS)
+def test_dora_delta_matches_the_reference(kind, dtypes, base_bias):
+    """The grouped ops with DoRA slots (g folded into the gathered B, the base output scaled per
+    run) against kernels/reference.py on the whole bank and the plan's lanes."""
+    (dtype, store), (k, n) = dtypes, (129, 100)
+    bank = make_bank(make_dora_loras(k, n, bias=True), k, n, store)
+    assert bank.state.dora == DORA_SLOTS and bank.factors.mag is not None
+    rows = popularity(kind, ROWS_PER_BATCH, len(RANKS), seed=2)
+    g = torch.Generator().manual_seed(8)
+    tokens = ROWS_PER_BATCH * 3
+    x, base = torch.randn(tokens, k, generator=g).to(dtype), torch.randn(tokens, n, generator=g).to(dtype)
+    bb = torch.randn(n, generator=g).to(dtype) if base_bias else None
+    plan = RoutingPlan(rows)
+    grid, ops = dora_ops(bank, plan, tokens, bb)
+    out = grouped_delta(x, base, ops, grid)
+    lanes = plan.lanes(tokens, bank.factors.num_slots, CPU)
+    f32 = bank.factors._replace(a=bank.factors.a.float(), b=bank.factors.b.float(), bias=bank.factors.bias.float())
+    ref32 = reference.lora_delta(x.float(), base.float(), f32, lanes, None if bb is None else bb.float())
+    lowp = None if dtype == torch.float32 else reference.lora_delta(x, base, bank.factors, lanes, bb)
+    check(out, ref32, lowp, base, rows)
+    plain = reference.lora_delta(x.float(), base.float(), f32._replace(mag=None), lanes)
+    if any(s in DORA_SLOTS for row in rows for s, _ in row):
+        assert (ref32 - plain).abs().max() > 1e-2  # g matters
+
+
+def test_dora_packed_runs_of_different_lengths():
+    """Packed runs of unequal lengths take each token's row of the per-run tables by index."""
+    k, n = 48, 40
+    bank = make_bank(make_dora_loras(k, n, bias=False), k, n, torch.float32)
+    sets = (((0, 1.0),), (), ((2, 0.5), (3, -1.0)), ((5, 2.0),), ((0, -0.5), (5, 1.0)))
+    plan = RoutingPlan.from_runs([3, 2, 4, 1, 5], sets, num_tokens=15)
+    g = torch.Generator().manual_seed(4)
+    x, base, bb = torch.randn(15, k, generator=g), torch.randn(15, n, generator=g), torch.randn(n, generator=g)
+    grid, ops = dora_ops(bank, plan, 15, bb)
+    assert grid.run_length is None and grid.run_index is not None
+    want = reference.lora_delta(x, base, bank.factors, plan.lanes(15, bank.factors.num_slots, CPU), bb)
+    torch.testing.assert_close(grouped_delta(x, base, ops, grid), want, rtol=1e-5, atol=1e-5)
+    pre, post = torch_backend.bind(ops, grid, x.shape)
+    torch.testing.assert_close(post(pre(x), x, base.clone()), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(want[3:5], base[3:5])
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["BLK", "TK"])
+@pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])
+@pytest.mark.parametrize("per_row", [1, 3], ids=["decode", "prompt"])
+@pytest.mark.parametrize("kind", ["identity-shared-weight", "strided", "distinct", "uniform", "multi-lane", "bias"])
+def test_dora_bound_branch_is_the_op(kind, per_row, early, flat, monkeypatch):
+    """The bound fast forms with DoRA slots are :func:`grouped_delta` bit for bit, and right per
+    lane (the reference), on ``(B, L, K)`` activations (the per-run tables broadcast against the
+    output) and flattened ``(T, K)`` ones (viewed per run), with and without a base bias."""
+    monkeypatch.setattr(torch_backend, "_EARLY_ELEMENTS", 1 << 30 if early else 0)
+    k, n, batch = 48, 40, ROWS_PER_BATCH
+    bank = make_bank(make_dora_loras(k, n, bias=kind == "bias"), k, n, torch.float32)
+    if kind == "identity-shared-weight":
+        rows = (((2, 0.5),),) * batch
+    elif kind == "strided":  # DoRA slot 0 and LoRA slot 1 interleaved: a strided view on one-token rows
+        rows = tuple(((i % 2, 1.0),) for i in range(batch))
+    else:
+        rows = popularity("distinct" if kind == "bias" else kind, batch, 4 if kind in ("distinct", "bias") else 8)
+    g = torch.Generator().manual_seed(12)
+    x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
+    if flat:
+        x, base = x.view(-1, k), base.view(-1, n)  # (T, K), (T, N)
+    bb = torch.randn(n, generator=g) if kind in ("bias", "uniform") else None
+    grid, ops = dora_ops(bank, RoutingPlan(rows), batch * per_row, bb)
+    assert ops.base_scale is not None
+    if kind == "strided" and per_row == 1:
+        assert grid.strides is not None
+    pre, post = torch_backend.bind(ops, grid, x.shape)
+    got = post(pre(x), x, base.clone())
+    want = grouped_delta(x.view(-1, k), base.view(-1, n).clone(), ops, grid, inplace=True)
+    assert torch.equal(got, want.view(base.shape))
+    lanes = RoutingPlan(rows).lanes(batch * per_row, bank.factors.num_slots, CPU)
+    spec = reference.lora_delta(x.view(-1, k), base.view(-1, n), bank.factors, lanes, bb)
+    torch.testing.assert_close(got.view(-1, n), spec, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_op_count_does_not_grow_with_distinct_adapters():
+    k, n = 32, 16
+    bank = make_bank(make_dora_loras(k, n, bias=True), k, n, torch.float32)
+    x, base, bb = torch.randn(16, k), torch.randn(16, n), torch.randn(n)
+    counts = []
+    for distinct in (2, 4, 8):
+        grid, ops = dora_ops(bank, RoutingPlan(tuple(((i % distinct, 1.0),) for i in range(8))), 16, bb)
+        assert ops.base_scale is not None
+        with _CountOps() as mode:
+            grouped_delta(x, base, ops, grid)
+        counts.append(mode.count)
+    assert len(set(counts)) == 1, counts
+
+
+def test_bank_resets_g_when_a_lora_adapter_reuses_a_dora_slot():
+    k, n = 40, 24
+    loras = make_dora_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    assert torch.equal(bank.factors.mag[0], loras[0].mag) and torch.equal(bank.factors.mag[1], torch.ones(n))
+    assert bank.slot_nbytes(0) == loras[0].rank * (k + n) * 4 + n * 4  # g is fp32 beside the factors
+    bank.remove(0)
+    assert 0 not in bank.state.dora
+    plain = dataclasses.replace(loras[0], mag=None)
+    bank.commit(bank.stage(0, plain))
+    assert torch.equal(bank.factors.mag[0], torch.ones(n)) and 0 not in bank.state.dora
+    g = torch.Generator().manual_seed(1)
+    x, base = torch.randn(4, k, generator=g), torch.randn(4, n, generator=g)
+    rows = (((0, 1.0),), ((2, 1.0),))
+    grid, ops = dora_ops(bank, RoutingPlan(rows), 4, None)
+    lanes = RoutingPlan(rows).lanes(4, bank.factors.num_slots, CPU)
+    torch.testing.assert_close(grouped_delta(x, base, ops, grid), reference.lora_delta(x, base, bank.factors, lanes))
+    loras[0] = plain
+    torch.testing.assert_close(grouped_delta(x, base, ops, grid)[:2],
+                               per_token(rows[:1], loras, x[:2], base[:2], torch.float32, torch.float32))

@@ -22,6 +22,19 @@ base GEMMs costs 10-20 µs inside a real forward:
 - a decode step whose lanes are a permutation of the tokens gathers back instead of scattering,
   and one whose lanes are a strided view of the tokens (rows grouped by adapter, or interleaved
   with a fixed period) reads and writes through ``as_strided`` views with no gather at all.
+
+**DoRA.** A DoRA slot's lane adds ``w · (s·g ⊙ (B(Ax) + b) + (g − 1) ⊙ (base − base_bias))``
+(kernels/factors.py). Summed over a token's lanes, that is
+
+    out = base_scale ⊙ base + base_shift + Σ w·s·(g ⊙ B)(Ax)
+    base_scale = 1 + Σ w·(g − 1)      base_shift = (1 − base_scale) ⊙ base_bias
+
+where both sums run over the token's weighted set. So ``g`` enters the grouped ops twice, and
+neither costs a per-adapter op: it scales the rows of the gathered B once per bank state (the
+bank's B is untouched), and ``base_scale``/``base_shift`` are one ``(G, N)`` table per run of
+tokens (one matmul of the runs' weights with the slots' ``g − 1``, when a layer's branch is bound),
+applied to the base output by one broadcast multiply over ``(G, L, N)``. LoRA slots have ``g = 1``;
+a layer whose grid holds no DoRA slot does exactly what it did without DoRA.
 """
 
 from __future__ import annotations
@@ -56,6 +69,10 @@ class Grid:
     # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
     # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
     strides: tuple[int, int, int] | None = None
+    # the runs of tokens (rows, or packed sequences), for DoRA's per-run scale of the base output
+    run_weight: torch.Tensor | None = None  # (G, D) fp32, the weight of slot d in run g's set (0: not in it)
+    run_length: int | None = None  # L when every run has L tokens, so (T, N) views as (G, L, N)
+    run_index: torch.Tensor | None = None  # (T,) int64, each token's run, when run lengths differ
 
 
 def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
@@ -99,7 +116,11 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
         if torch.equal(ordered, torch.arange(num_tokens)):
             inverse = upload(lane, device)
             strides = _strides(token.view(len(slots), width))
-    return Grid(slots, upload(token, device), upload(weight, device), identity, uniform, inverse, strides)
+    run_weight = torch.zeros(len(lengths), len(slots)).index_put_((run, grp), lane_w, accumulate=True)  # (G, D)
+    even = len(set(lengths)) == 1
+    run_index = None if even else upload(torch.repeat_interleave(torch.arange(len(lengths)), run_len), device)
+    return Grid(slots, upload(token, device), upload(weight, device), identity, uniform, inverse, strides,
+                upload(run_weight, device), lengths[0] if even else None, run_index)
 
 
 def _strides(token: torch.Tensor) -> tuple[int, int, int] | None:
@@ -123,15 +144,19 @@ class Operands:
     """A grid's factors and coefficients, gathered from one bank state."""
 
     a: torch.Tensor  # (D, r, K), r the largest rank among the slots
-    b: torch.Tensor  # (D, N, r)
-    bias: torch.Tensor | None  # (D, N)
+    b: torch.Tensor  # (D, N, r); with DoRA slots fp32 with each row scaled by its slot's g
+    bias: torch.Tensor | None  # (D, N); scaled by g like b
     coef: torch.Tensor  # (D, M, 1) fp32, w · s of each lane (0 on padding)
     shared_coef: float | None  # the one w · s every lane shares, when they all do and none is padding
+    base_scale: torch.Tensor | None = None  # (G, N) fp32, 1 + Σ w·(g − 1) per run; None: no DoRA slot
+    base_shift: torch.Tensor | None = None  # (G, N) fp32, (1 − base_scale) ⊙ base_bias; None: no base bias
 
 
 def gather(state, slots: tuple[int, ...], device: torch.device):
-    """``(a, b, bias, scale)`` of ``slots`` from a bank state, cut to their largest rank (so the
-    bits of a result never depend on which other adapters were loaded before)."""
+    """``(a, b, bias, scale, mag)`` of ``slots`` from a bank state, cut to their largest rank (so
+    the bits of a result never depend on which other adapters were loaded before). With a DoRA slot
+    among them, ``mag`` is their ``g`` ``(D, N)`` (1 for LoRA slots) and B's rows (and the bias) come
+    scaled by it, in fp32; otherwise ``mag`` is None."""
     factors = state.factors
     r = max(state.rank[s] for s in slots)
     idx = torch.tensor(slots, dtype=torch.int64, device=device)
@@ -140,23 +165,54 @@ def gather(state, slots: tuple[int, ...], device: torch.device):
     # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
     a = factors.a.index_select(0, idx)[:, :r]
     a = a.contiguous() if len(slots) == 1 else a.transpose(1, 2).contiguous().transpose(1, 2)
-    b = factors.b.index_select(0, idx)[:, :, :r].transpose(1, 2).contiguous().transpose(1, 2)
+    b = factors.b.index_select(0, idx)[:, :, :r]  # (D, N, r)
+    mag = None
+    if factors.mag is not None and state.dora.intersection(slots):
+        mag = factors.mag.index_select(0, idx)  # (D, N) fp32
+        b = b.float() * mag.unsqueeze(-1)  # g ⊙ B(Ax) = (g ⊙ B)(Ax), formed once per bank state
+    b = b.transpose(1, 2).contiguous().transpose(1, 2)
     bias = None
     if factors.bias is not None and state.with_bias.intersection(slots):
         bias = factors.bias.index_select(0, idx)  # (D, N)
+        bias = bias if mag is None else bias.float() * mag
     scale = torch.tensor([state.scale[s] for s in slots], dtype=torch.float32, device=device)
-    return a, b, bias, scale
+    return a, b, bias, scale, mag
 
 
-def operands(gathered, state, grid: Grid) -> Operands:
-    a, b, bias, scale = gathered
+def operands(gathered, state, grid: Grid, base_bias: torch.Tensor | None = None) -> Operands:
+    """A grid's operands; ``base_bias`` is the base layer's own bias (read only with DoRA slots)."""
+    a, b, bias, scale, mag = gathered
     coef = (grid.weight * scale.unsqueeze(-1)).unsqueeze(-1)  # (D, M, 1)
     shared = None
     if grid.uniform is not None:
         scales = {state.scale[s] for s in grid.slots}
         if len(scales) == 1:
             shared = grid.uniform * scales.pop()
-    return Operands(a, b, bias, coef, shared)
+    base_scale = base_shift = None
+    if mag is not None:
+        base_scale = torch.mm(grid.run_weight, mag - 1).add_(1.0)  # (G, N): 1 + Σ w·(g − 1) per run
+        if base_bias is not None:
+            base_shift = (1.0 - base_scale) * base_bias.detach().float()  # (G, N)
+    return Operands(a, b, bias, coef, shared, base_scale, base_shift)
+
+
+def rescale_base(out: torch.Tensor, ops: Operands, grid: Grid) -> torch.Tensor:
+    """``out ← base_scale ⊙ out + base_shift``, run by run, in place: DoRA's share of the base
+    output. ``out`` is ``(T, N)`` fp32."""
+    scale, shift = ops.base_scale, ops.base_shift
+    if grid.run_length is not None:  # (T, N) as (G, L, N): a broadcast, no gather
+        view = out.view(scale.shape[0], grid.run_length, out.shape[-1])  # (G, L, N)
+        scale = scale.unsqueeze(1)  # (G, 1, N)
+        shift = None if shift is None else shift.unsqueeze(1)
+    else:  # packed runs of different lengths: each token's row of the tables
+        view = out
+        scale = scale.index_select(0, grid.run_index)  # (T, N)
+        shift = None if shift is None else shift.index_select(0, grid.run_index)
+    if shift is None:
+        view.mul_(scale)
+    else:
+        torch.addcmul(shift, view, scale, out=view)
+    return out
 
 
 # -- the grouped ops ----------------------------------------------------------------------------------
@@ -170,6 +226,9 @@ def grouped_delta(x: torch.Tensor, base: torch.Tensor, ops: Operands, grid: Grid
     Semantics::
 
         out = base.float()
+        if ops.base_scale is not None:                            # DoRA slots in the grid
+            for t in range(T):                                    # g = run of token t
+                out[t] = ops.base_scale[g] * out[t] + (ops.base_shift[g] if ops.base_shift is not None else 0)
         for d in range(D):
             for m in range(M):
                 t = grid.token[d * M + m]
@@ -187,6 +246,8 @@ def grouped_delta(x: torch.Tensor, base: torch.Tensor, ops: Operands, grid: Grid
     num_slots, _, k = a.shape
     n, rows = b.shape[1], coef.shape[1]
     out = base if inplace and base.dtype == torch.float32 else base.to(torch.float32, copy=True)
+    if ops.base_scale is not None:
+        rescale_base(out, ops, grid)
     if grid.identity and bias is None and shared is not None:
         # one slot, every token in order with one shared w·s: two plain GEMMs, the second one
         # accumulating straight into the output
@@ -220,6 +281,8 @@ def grouped_embedding_delta(ids: torch.Tensor, base: torch.Tensor, ops: Operands
     Semantics::
 
         out = base.float()
+        if ops.base_scale is not None:                                # DoRA, as in grouped_delta
+            out[t] = ops.base_scale[run of t] * out[t]  for every token t
         for d, m:
             t = grid.token[d * M + m]
             y = ops.b[d].float() @ ops.a[d, :, ids[t]].float()        # (N,)
@@ -236,7 +299,10 @@ def grouped_embedding_delta(ids: torch.Tensor, base: torch.Tensor, ops: Operands
     if embed_scale is not None:
         scale = embed_scale.float() if torch.is_tensor(embed_scale) else float(embed_scale)
         y = y * scale
-    return base.float().index_add(0, grid.token, y).to(base.dtype)
+    if ops.base_scale is None:
+        return base.float().index_add(0, grid.token, y).to(base.dtype)
+    out = rescale_base(base.to(torch.float32, copy=True), ops, grid)
+    return out.index_add_(0, grid.token, y).to(base.dtype)
 
 
 # -- binding a layer's branch ---------------------------------------------------------------------------
@@ -267,9 +333,10 @@ def bind(ops: Operands, grid: Grid, shape: torch.Size):
 
     if ops.bias is not None or (grid.identity and ops.shared_coef is None):
         return _no_pre, unsplit
+    rescale = None if ops.base_scale is None else _rescaler(ops, grid, shape, num_tokens)
     if grid.identity:
-        return _bind_identity(ops, num_tokens, k, delta)
-    pre, post = _bind_grouped(ops, grid, shape, num_tokens, k, delta)
+        return _bind_identity(ops, num_tokens, k, delta, rescale)
+    pre, post = _bind_grouped(ops, grid, shape, num_tokens, k, delta, rescale)
     if ops.coef.shape[0] * ops.coef.shape[1] * ops.b.shape[1] <= _EARLY_ELEMENTS:
         return pre, post
 
@@ -279,7 +346,28 @@ def bind(ops: Operands, grid: Grid, shape: torch.Size):
     return _no_pre, after
 
 
-def _bind_identity(ops: Operands, num_tokens: int, k: int, delta):
+def _rescaler(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int):
+    """DoRA's :func:`rescale_base` for outputs shaped like ``shape[:-1] + (N,)``, in place. Where
+    the runs are the output's first dimension (batch rows, or one token per run) the tables are
+    broadcast against it as they are: one call per layer."""
+    scale, shift = ops.base_scale, ops.base_shift
+    runs, n = scale.shape
+    lead = tuple(shape[:-1])
+    if grid.run_length is None or not lead or lead[0] != runs:
+
+        def rescale(out):
+            rescale_base(out.view(num_tokens, n), ops, grid)
+
+        return rescale
+    view = (runs, *(1,) * (len(lead) - 1), n)  # (G, 1, ..., N): each run's tokens after dim 0
+    scale = scale.view(view)
+    if shift is None:
+        return lambda out: out.mul_(scale)
+    shift = shift.view(view)
+    return lambda out: torch.addcmul(shift, out, scale, out=out)
+
+
+def _bind_identity(ops: Operands, num_tokens: int, k: int, delta, rescale):
     """One adapter for every token, with one weight: two GEMMs, the second into the output."""
     at, bt = ops.a[0].float().t(), ops.b[0].float().t()  # (K, R), (R, N)
     shared = ops.shared_coef
@@ -290,13 +378,15 @@ def _bind_identity(ops: Operands, num_tokens: int, k: int, delta):
     def expand(h, x, base):
         if h is None or base.dtype != torch.float32 or not base.is_contiguous() or base.requires_grad:
             return delta(x, base)
+        if rescale is not None:
+            rescale(base)
         base.view(num_tokens, -1).addmm_(h, bt, alpha=shared)
         return base
 
     return shrink, expand
 
 
-def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int, k: int, delta):
+def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int, k: int, delta, rescale):
     """Several slots (or one slot on some tokens): gather, two ``bmm``s, and a scatter, a gather
     back (``inverse``) or a strided add (``strides``) into the output."""
     num_slots, rows = ops.coef.shape[0], ops.coef.shape[1]
@@ -321,6 +411,8 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
         def scatter(y, x, base):
             if y is None or not ready(x, base) or not base.is_contiguous():
                 return delta(x, base)
+            if rescale is not None:
+                rescale(base)
             n = base.shape[-1]
             out = base.as_strided((num_slots, rows, n), (step_d * n, step_m * n, 1), base.storage_offset() + offset * n)
             out.add_(y, alpha=c)
@@ -341,8 +433,10 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
         return y if inverse is None else y.index_select(0, inverse)  # back in token order
 
     def scattered(y, x, base):
-        if y is None or not ready(x, base):
+        if y is None or not ready(x, base) or (rescale is not None and not base.is_contiguous()):
             return delta(x, base)
+        if rescale is not None:
+            rescale(base)
         out = base if flat else base.view(num_tokens, -1)
         if inverse is None:
             out.index_add_(0, token, y, alpha=c)
@@ -375,7 +469,8 @@ class TorchLayout(Layout):
             return grid
 
     def operands(self, layer, state, grid: Grid) -> Operands:
-        return operands(self._gathered.get(layer, state, grid.slots), state, grid)
+        return operands(self._gathered.get(layer, state, grid.slots), state, grid,
+                        getattr(layer.base_layer, "bias", None))
 
     def bind(self, layer, state, x: torch.Tensor):
         grid = self.grid(x.numel() // x.shape[-1] if x.shape[-1] else 0, state.present, x.device)

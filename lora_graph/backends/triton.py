@@ -3,6 +3,9 @@
     plan ──lanes(T, S)──> Lanes: every (token, slot, weight) of the forward, sorted and chunked, for banks of S slots
     layer: out = triton_ops.lora_delta(x, out, bank.factors, lanes, inplace=True)   (one shrink, one expand)
 
+A bank holding a DoRA slot has ``factors.mag``; the layer then passes its base layer's bias too,
+and the expand applies each slot's ``g`` in its epilogue (kernels/expand.py).
+
 One lane layout serves every layer of a forward that sees ``T`` tokens and whose bank has ``S``
 slots: it covers every slot the request uses, and a slot a module does not hold has rank 0 there
 and adds nothing. So the layout is built once per forward shape, not per layer, and layers traced
@@ -65,10 +68,12 @@ class TritonLayout(Layout):
         lanes = self.lanes(num_tokens, state.factors.num_slots, x.device)
         factors = state.factors
 
+        base_bias = _base_bias(layer, factors)
+
         def post(_, x, out):
             inplace = not out.requires_grad
             y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes,
-                                      inplace=inplace)
+                                      inplace=inplace, base_bias=base_bias)
             return out if inplace else y.view(out.shape)
 
         return _no_pre, post
@@ -121,7 +126,8 @@ class TritonBackend(Backend):
         lanes = _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_linear(layer, x, out)
-        y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes, inplace=True)
+        y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes, inplace=True,
+                                  base_bias=_base_bias(layer, factors))
         return y.view(out.shape)
 
     def traced_embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -138,6 +144,11 @@ class TritonBackend(Backend):
         y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors, lanes,
                                             getattr(layer.base_layer, "embed_scale", None))
         return y.view(out.shape)
+
+
+def _base_bias(layer, factors) -> torch.Tensor | None:
+    """The base layer's own bias, which DoRA slots (``factors.mag``) take off the base output."""
+    return getattr(layer.base_layer, "bias", None) if factors.mag is not None else None
 
 
 def _find(entries, num_tokens: int, num_slots: int) -> Lanes | None:
