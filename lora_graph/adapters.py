@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
+import math
 import os
-import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 
 from .config import AdapterConfigError, LoraSettings, parse_config
 
@@ -106,6 +106,7 @@ class AdapterWeights:
     path: str
     settings: LoraSettings
     modules: dict[str, ModuleLora]
+    files: tuple = ()  # file_stamp() of each file read, taken before reading it
 
     @cached_property
     def numel(self) -> int:
@@ -118,76 +119,59 @@ class AdapterWeights:
         return sum(m.mag.numel() for m in self.modules.values() if m.mag is not None)
 
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def mmap_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file as zero-copy views of its memory map (read-only)."""
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, parsed by the safetensors library (which also refuses
+    overlapping or misplaced data offsets and trailing bytes) and read with ``pread(2)`` into memory
+    the process owns. Never through a memory map: touching a mapped page that a rewrite in place
+    (open, truncate, write) took away from the file kills the process with SIGBUS, while a read
+    only comes back short."""
+    before = file_stamp(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ValueError("file too short")
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        header_len = int.from_bytes(mapped[:8], "little")
-        if header_len <= 0 or 8 + header_len > size:
-            raise ValueError("bad header length")
-        header = json.loads(bytes(mapped[8 : 8 + header_len]))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-        header.pop("__metadata__", None)
-        begin = 8 + header_len
-        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin) if size > begin else None
-        available = size - begin
-        flat: dict[torch.dtype, torch.Tensor] = {}  # the data as each dtype, where its alignment allows
-        tensors = {}
-        for name, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
-            shape, (start, end) = info["shape"], info["data_offsets"]
-            if dtype is None:
-                raise ValueError(f"unsupported dtype {info.get('dtype')!r} for {name!r}")
-            numel = 1
-            for d in shape:
-                if type(d) is not int or d < 0:
-                    raise ValueError(f"bad dimension {d!r} in the shape of {name!r}")
-                numel *= d
-            itemsize = dtype.itemsize
-            if not 0 <= start <= end <= available or end - start != numel * itemsize:
-                raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
-            if not numel:
-                tensors[name] = torch.empty(shape, dtype=dtype)
-            elif start % itemsize == 0 and begin % itemsize == 0:  # one view op per tensor
-                whole = flat.get(dtype)
-                if whole is None:
-                    whole = flat[dtype] = data[: available // itemsize * itemsize].view(dtype)
-                tensors[name] = whole.as_strided(shape, _contiguous_strides(shape), start // itemsize)
-            else:  # misaligned for its dtype: a copy (the mapped bytes cannot be viewed as it)
-                tensors[name] = data[start:end].clone().view(dtype).view(tuple(shape))
-        return tensors
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        with safe_open(path, framework="pt", backend="pread") as f:
+            tensors = f.get_tensors()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is unreadable
         raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
+    _check_stamp(path, before, "being read")
+    return tensors
 
 
-def _contiguous_strides(shape) -> tuple[int, ...]:
-    if len(shape) == 2:  # every LoRA factor
-        return (shape[1], 1)
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(int(d), 1)
-    return tuple(reversed(strides))
+def file_stamp(path: Path) -> tuple:
+    """What changes when a file is rewritten: ``(path, size, mtime, inode, device)``."""
+    st = os.stat(path)
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
 
 
-def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+def _check_stamp(path: Path, stamp: tuple, when: str) -> None:
+    try:
+        now = file_stamp(path)
+    except OSError:
+        now = None
+    if now != stamp:
+        raise ValueError(f"{path}: the file changed while the adapter was {when} (rewritten in place?); "
+                         "load it again once it is complete")
+
+
+def check_unchanged(weights: AdapterWeights) -> None:
+    """Raise if a file ``weights`` was read from changed since: weights read ahead of the lock
+    and placed under it must still be the files' contents."""
+    for stamp in filter(None, weights.files):
+        _check_stamp(Path(stamp[0]), stamp, "waiting to be placed")
+
+
+def is_unchanged(weights: AdapterWeights) -> bool:
+    try:
+        check_unchanged(weights)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], tuple]:
+    """The tensors of the adapter's weights file, and that file's stamp."""
     st = folder / SAFETENSORS_NAME
     if st.is_file():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # views of a read-only map; never written
-            return mmap_safetensors(st)
+        stamp = file_stamp(st)
+        return read_safetensors(st), stamp
     pt = folder / PICKLE_NAME
     if pt.is_file():
         if not allow_pickle:
@@ -195,17 +179,35 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
                 f"{pt}: refusing to read a pickle file; pass allow_pickle=True if you trust it "
                 "(it is then read with torch.load(weights_only=True))"
             )
+        stamp = file_stamp(pt)
         try:
             tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
             raise ValueError(f"{pt}: cannot read the adapter weights ({exc})") from None
-        if not isinstance(tensors, dict) or not all(torch.is_tensor(v) for v in tensors.values()):
-            raise ValueError(f"{pt}: expected a dict of tensors")
-        return tensors
+        _check_stamp(pt, stamp, "being read")
+        _check_pickled(pt, tensors)
+        return tensors, stamp
     raise FileNotFoundError(f"{folder}: no {SAFETENSORS_NAME} (nor {PICKLE_NAME})")
 
 
-def read_config(folder: Path) -> LoraSettings:
+def _check_pickled(pt: Path, tensors) -> None:
+    """A pickle can hold anything: a dict of dense CPU tensors under string keys is expected."""
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{pt}: expected a dict of tensors, got {type(tensors).__name__}")
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{pt}: key {key!r} is a {type(key).__name__}, expected a string")
+        if not torch.is_tensor(value):
+            raise ValueError(f"{pt}: {key!r} is a {type(value).__name__}, expected a tensor")
+        if value.layout != torch.strided or value.device.type != "cpu":
+            raise ValueError(f"{pt}: tensor {key!r} is a {value.layout} tensor on {value.device.type}; "
+                             "expected a dense tensor with data")
+
+
+def read_config(folder: Path, strict: bool = True, model_name: str | None = None) -> LoraSettings:
+    """The adapter's validated settings. ``strict=False`` ignores (and logs) config fields unknown
+    to lora_graph; ``model_name`` (the wrapped model's ``_name_or_path``) is compared with the
+    config's ``base_model_name_or_path``, and a difference logged."""
     cfg = folder / CONFIG_NAME
     if not cfg.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}")
@@ -213,7 +215,23 @@ def read_config(folder: Path) -> LoraSettings:
         raw = json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterConfigError(f"{cfg}: not valid JSON ({exc})") from None
-    return parse_config(raw, source=str(cfg))
+    except RecursionError:
+        raise AdapterConfigError(f"{cfg}: JSON nested too deeply to be an adapter config") from None
+    settings = parse_config(raw, source=str(cfg), strict=strict)
+    trained_on = raw.get("base_model_name_or_path")
+    if model_name and trained_on and trained_on != model_name:
+        logger.warning("%s: the adapter was trained on %r but the wrapped model is %r", cfg, trained_on, model_name)
+    return settings
+
+
+def adapter_dir(path) -> Path:
+    """``path`` as an existing directory, or an error that says what was wrong with it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"an adapter path must be a str or os.PathLike, got {path!r} ({type(path).__name__})")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
+    return folder
 
 
 def read_adapter(
@@ -222,6 +240,8 @@ def read_adapter(
     allow_pickle: bool = False,
     base_weight: Callable[[str], torch.Tensor | None] = lambda name: None,
     base_rows: Callable[[str], Callable[[int, int], torch.Tensor]] | None = None,
+    dtype: torch.dtype | None = None,
+    strict: bool = True,
 ) -> AdapterWeights:
     """Read and validate a PEFT adapter directory against a model's patchable modules.
 
@@ -235,12 +255,13 @@ def read_adapter(
         base_rows: for DoRA adapters, ``base_rows(module)(start, stop)`` gives rows of that
             module's base weight in PEFT's ``(out, in)`` layout as a new fp32 tensor
             (``patch.weight_rows``), from which ``g`` is computed.
+        dtype: the dtype the factors will be kept in; a factor value beyond its range is refused.
+        strict: refuse config fields unknown to lora_graph (False: ignore and log them).
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
-    settings = read_config(folder)
-    tensors = _read_tensors(folder, allow_pickle)
+    folder = adapter_dir(path)
+    config_stamp = file_stamp(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
+    settings = read_config(folder, strict)
+    tensors, weights_stamp = _read_tensors(folder, allow_pickle)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -253,11 +274,12 @@ def read_adapter(
             continue
         parts.setdefault(found[0], {})[found[1]] = tensor
 
-    modules = {name: _check_module(folder, name, found, shapes.get(name), settings) for name, found in parts.items()}
+    modules = {name: _check_module(folder, name, found, shapes.get(name), settings, dtype)
+               for name, found in parts.items()}
     _check_targets(folder, modules, shapes, settings)
     if settings.use_dora:  # last: everything cheap to check has been checked
         modules = _with_dora_scales(folder, modules, parts, base_rows)
-    return AdapterWeights(str(folder), settings, modules)
+    return AdapterWeights(str(folder), settings, modules, (config_stamp, weights_stamp))
 
 
 def _check_targets(folder, modules: dict[str, ModuleLora], shapes: dict[str, ModuleShape], settings) -> None:
@@ -332,7 +354,8 @@ def _check_full_weight(folder, name: str, saved: torch.Tensor, own: torch.Tensor
         )
 
 
-def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings) -> ModuleLora:
+def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings,
+                  dtype: torch.dtype | None = None) -> ModuleLora:
     if shape is None:
         raise ValueError(f"{folder}: module {name!r} does not exist in the model (or is not a Linear, Conv1D or Embedding)")
     is_emb = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -361,7 +384,25 @@ def _check_module(folder, name, found, shape: ModuleShape | None, settings: Lora
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{folder}: module {name!r} has a lora_B bias of shape {tuple(bias.shape)}, expected ({n},)")
     _check_magnitude(folder, name, found.get(_MAGNITUDE), n, settings.use_dora)
+    for part, tensor in found.items():  # lora_A/B, the bias and DoRA's magnitude (kept in fp32)
+        _check_values(folder, name, part, tensor, torch.float32 if part == _MAGNITUDE else dtype)
     return ModuleLora(a, b, bias, rank, settings.scale_for(name))
+
+
+def _check_values(folder, name: str, part: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """NaN or infinity in a factor poisons every output of its module, and so does a finite value
+    beyond the range of ``dtype``, the dtype it is stored in (F64 factors kept as fp32, F32 as fp16)."""
+    if not tensor.numel():
+        return
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.float()  # float8 and friends: aminmax is not defined on them
+    lo, hi = (float(v) for v in torch.aminmax(tensor))  # one pass; NaN reaches both ends, ±inf one
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{folder}: module {name!r} has NaN or infinite values in its {part}")
+    limit = torch.finfo(dtype).max if dtype is not None else math.inf
+    if max(-lo, hi) > limit:
+        raise ValueError(f"{folder}: module {name!r} has a value {max(-lo, hi):.4g} in its {part}, beyond "
+                         f"the range of {dtype} the adapters are kept in")
 
 
 def _check_magnitude(folder, name: str, magnitude: torch.Tensor | None, n: int, use_dora: bool) -> None:

@@ -6,15 +6,21 @@ forward are honoured here exactly as PEFT does: the scale (`r`, `lora_alpha`, `u
 `layers_to_transform`, `layers_pattern`), `lora_bias` and `use_dora` (DoRA's per-channel scale is
 computed at load, see adapters.py). Fields whose forward needs a mutated base
 or a different formula are refused with an error that names the field, so a user never gets
-silently wrong outputs. Unknown fields from a newer PEFT are refused too when they hold a value.
+silently wrong outputs. Unknown fields from a newer PEFT are refused too when they hold a value,
+unless the caller passes ``strict=False``: then they are ignored and logged by name.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
+from types import SimpleNamespace
+
+logger = logging.getLogger(__name__)
 
 # Fields that PEFT writes and that do not change the inference forward of plain LoRA.
 _INERT = {
@@ -73,48 +79,32 @@ class LoraSettings:
 
     # -- which modules ------------------------------------------------------------------
     def targets(self, module_name: str) -> bool:
-        """PEFT's ``check_target_module_exists`` for one module name inside the base model."""
-        excl = self.exclude_modules
-        if excl:
-            if isinstance(excl, str):
-                if re.fullmatch(excl, module_name):
-                    return False
-            elif module_name in excl or any(module_name.endswith("." + e) for e in excl):
-                return False
-        tm = self.target_modules
-        if tm is None:
+        """PEFT's own ``check_target_module_exists`` for one module name inside the base model."""
+        from peft.tuners.tuners_utils import check_target_module_exists  # peft takes seconds to import
+
+        if self.target_modules is None:
             return False
-        if isinstance(tm, str):
-            return re.fullmatch(tm, module_name) is not None
-        if module_name in tm:
-            return True
-        if not any(module_name.endswith("." + t) for t in tm):
-            return False
-        indexes = self.layers_to_transform
-        if indexes is None or (isinstance(indexes, tuple) and len(indexes) == 0):
-            return True
-        match = None
-        if not self.layers_pattern:
-            # the first numbered segment is the layer index, not an expert index further in
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_name)
-        else:
-            for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_name)
-                if match is not None:
-                    break
-        if match is None:
-            return False
-        idx = int(match.group("idx"))
-        return idx == indexes if isinstance(indexes, int) else idx in indexes
+        return bool(check_target_module_exists(self._peft_view, module_name))
+
+    @cached_property
+    def _peft_view(self) -> SimpleNamespace:
+        """The fields PEFT's matcher reads, in the types PEFT gives them (lists, not tuples: an empty
+        list of layers means every layer)."""
+        def as_list(value):
+            return list(value) if isinstance(value, tuple) else value
+
+        return SimpleNamespace(
+            target_modules=as_list(self.target_modules), exclude_modules=as_list(self.exclude_modules),
+            layers_to_transform=as_list(self.layers_to_transform), layers_pattern=as_list(self.layers_pattern),
+            modules_to_save=None, target_parameters=None)
 
     # -- how much -----------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
-        key = _pattern_key(self.rank_pattern, module_name)
-        return int(self.rank_pattern[key]) if key is not None else self.r
+        """PEFT's lookup: the first ``rank_pattern`` key, in file order, that ``get_pattern_key`` matches."""
+        return _pattern_value(self.rank_pattern, module_name, self.r)
 
     def alpha_for(self, module_name: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module_name)
-        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
 
     def scale_for(self, module_name: str) -> float:
         r = self.rank_for(module_name)
@@ -122,26 +112,30 @@ class LoraSettings:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def _pattern_key(patterns: Mapping, module_name: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first key, in dict order, matching ``(.*\\.)?(key)$``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
+def _pattern_value(patterns: Mapping, module_name: str, default):
+    """``patterns[get_pattern_key(patterns, module_name)]``, or ``default``, as PEFT's layers look it up."""
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(patterns.keys(), module_name), default)
 
 
 def _is_set(value) -> bool:
     return value not in (None, False, "", [], {}, ())
 
 
-def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSettings:
+def parse_config(raw: Mapping, source: str = "adapter_config.json", strict: bool = True) -> LoraSettings:
     """Validate a PEFT adapter config and keep what decides the forward.
 
-    Raises AdapterConfigError naming the field for anything that cannot be honoured exactly.
+    Raises AdapterConfigError naming the field for anything that cannot be honoured exactly. With
+    ``strict=False``, fields unknown to lora_graph are ignored and logged instead of refused (the
+    known fields that change the math are refused either way).
     """
     if not isinstance(raw, Mapping):
         raise AdapterConfigError(f"{source}: expected a JSON object")
-    _refuse_unsupported(raw, source)
+    flags = {name: _flag(raw, name, source) for name in ("use_rslora", "lora_bias", "use_dora")}
+    _refuse_unsupported(raw, source, strict)
     target_modules = _names(raw, "target_modules", source)
     if target_modules is None or target_modules == ():
         raise AdapterConfigError(f"{source}: field 'target_modules' is empty; no module would carry the adapter")
@@ -153,20 +147,18 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json") -> LoraSetti
     return LoraSettings(
         r=_number(raw, "r", int, 8, source),
         lora_alpha=_number(raw, "lora_alpha", float, 8, source),
-        use_rslora=bool(raw.get("use_rslora", False)),
         rank_pattern=_pattern(raw, "rank_pattern", int, source),
         alpha_pattern=_pattern(raw, "alpha_pattern", float, source),
         target_modules=target_modules,
         exclude_modules=_names(raw, "exclude_modules", source),
         layers_to_transform=layers,
         layers_pattern=layers_pattern,
-        lora_bias=bool(raw.get("lora_bias", False)),
         init_lora_weights=raw.get("init_lora_weights", True),
-        use_dora=bool(raw.get("use_dora", False)),
+        **flags,
     )
 
 
-def _refuse_unsupported(raw: Mapping, source: str) -> None:
+def _refuse_unsupported(raw: Mapping, source: str, strict: bool) -> None:
     """Fields that change the math or rewrite the base, and unknown fields that carry a value."""
 
     def refuse(name: str, why: str):
@@ -188,20 +180,45 @@ def _refuse_unsupported(raw: Mapping, source: str) -> None:
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
         refuse("init_lora_weights", "this initialisation is only correct on a rewritten base weight")
     unknown = sorted(k for k in raw if k not in _INERT and _is_set(raw[k]))
-    if unknown:
+    if unknown and strict:
         raise AdapterConfigError(
             f"{source}: unknown field(s) {unknown} with a value; a newer PEFT may give them a meaning "
-            "that would change the outputs"
+            "that would change the outputs (pass strict=False to load the adapter ignoring them)"
         )
+    if unknown:
+        logger.warning("%s: ignoring config field(s) unknown to lora_graph (strict=False): %s", source, unknown)
+
+
+# |lora_alpha| and the alpha_pattern values are bounded by float32's range: the scale alpha / r
+# (or alpha / sqrt(r)), which is at most |alpha| since r >= 1, is held in float32 by the banks.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_number(value, kind, what: str, source: str, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind_name = "an integer" if kind is int else "a number"
+        raise AdapterConfigError(f"{source}: {what} must be {kind_name}, got {value!r}")
+    if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > _FLOAT32_MAX:
+        raise AdapterConfigError(f"{source}: {what} must be a finite number within float32's range, got {value!r}")
+    if kind is int and value != int(value):
+        raise AdapterConfigError(f"{source}: {what} must be an integer, got {value!r}")
+    if positive and value <= 0:
+        raise AdapterConfigError(f"{source}: {what} must be positive, got {value!r}")
 
 
 def _number(raw: Mapping, name: str, kind, default, source: str):
     value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise AdapterConfigError(f"{source}: field {name!r} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
-    if value <= 0 and name == "r":
-        raise AdapterConfigError(f"{source}: field 'r' must be positive, got {value}")
+    _check_number(value, kind, f"field {name!r}", source, positive=name == "r")
     return kind(value)
+
+
+def _flag(raw: Mapping, name: str, source: str) -> bool:
+    """A boolean field: true, false or null. A string such as "false" is refused: Python (and PEFT)
+    would take it as true."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise AdapterConfigError(f"{source}: field {name!r} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def _pattern(raw: Mapping, name: str, kind, source: str) -> dict:
@@ -210,17 +227,24 @@ def _pattern(raw: Mapping, name: str, kind, source: str) -> dict:
     if not isinstance(value, Mapping):
         raise AdapterConfigError(f"{source}: field {name!r} must be a mapping, got {value!r}")
     for k, v in value.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (name == "rank_pattern" and v <= 0):
-            raise AdapterConfigError(f"{source}: field {name!r} has a bad value {v!r} for {k!r}")
-        try:
-            re.compile(k)
-        except re.error as exc:
-            raise AdapterConfigError(f"{source}: field {name!r} key {k!r} is not a valid regex: {exc}") from None
+        _check_number(v, kind, f"field {name!r} value for {k!r}", source, positive=name == "rank_pattern")
+        _check_regex(str(k), f"field {name!r} key {k!r}", source)
     return {str(k): kind(v) for k, v in value.items()}
 
 
+def _check_regex(pattern: str, what: str, source: str) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterConfigError(f"{source}: {what} is not a valid regex: {exc}") from None
+
+
 def _names(raw: Mapping, name: str, source: str):
+    """target_modules / exclude_modules: a regex matched against whole module names, or a list of
+    names (suffixes)."""
     value = raw.get(name)
+    if isinstance(value, str):
+        _check_regex(value, f"field {name!r} ({value!r})", source)
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
@@ -237,9 +261,14 @@ def _layers(raw: Mapping, source: str):
         layers = tuple(layers)
     layers_pattern = raw.get("layers_pattern")
     if not layers_pattern:
-        layers_pattern = None  # PEFT: an empty pattern accepts any layer list
-    elif isinstance(layers_pattern, str):
+        return layers, None  # PEFT: an empty pattern accepts any layer list
+    if isinstance(layers_pattern, str):
         layers_pattern = (layers_pattern,)
-    else:
+    elif isinstance(layers_pattern, (list, tuple)) and all(isinstance(p, str) for p in layers_pattern):
         layers_pattern = tuple(layers_pattern)
+    else:
+        raise AdapterConfigError(
+            f"{source}: field 'layers_pattern' must be a string or a list of strings, got {layers_pattern!r}")
+    for pattern in layers_pattern:  # as PEFT's matcher embeds it
+        _check_regex(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", f"field 'layers_pattern' ({pattern!r})", source)
     return layers, layers_pattern

@@ -32,18 +32,18 @@ class Residency:
         self.patched, self.slots, self.host = patched, slots, host
         self.dtype, self.max_rank = dtype, max_rank
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        # A model on the CPU: the slots already are host memory, so a load copies straight from
-        # the memory-mapped file into its slot, and the OS page cache is the host tier.
+        # A model on the CPU: the slots already are host memory, so a load copies the tensors read
+        # from the file straight into its slot, and the OS page cache is the host tier.
         self.coalesce = patch.module_device(patched.model).type != "cpu"
         if not self.coalesce:
             host.capacity = 0
 
-    def read(self, folder: Path, allow_pickle: bool) -> HostAdapter:
+    def read(self, folder: Path, allow_pickle: bool, strict: bool = True) -> HostAdapter:
         """Read and validate an adapter directory against the model, into host memory."""
         modules = self.patched.originals
         weights = read_adapter(folder, self.patched.shapes, allow_pickle=allow_pickle,
                                base_weight=lambda n: patch.plain_weight(modules.get(n)),
-                               base_rows=lambda n: patch.weight_rows(modules[n]))
+                               base_rows=lambda n: patch.weight_rows(modules[n]), dtype=self.dtype, strict=strict)
         if self.max_rank is not None:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
             if too_big:
@@ -52,7 +52,7 @@ class Residency:
             return HostAdapter(weights, None)
         return coalesce(weights, self.dtype, pin=self.stream is not None)
 
-    def read_ahead(self, spec, infos: dict, pickle_ok: dict) -> dict[str, HostAdapter]:
+    def read_ahead(self, spec, infos: dict, read_args: dict) -> dict[str, HostAdapter]:
         """The weights of the SPEC's registered adapters that are neither resident nor cached, read
         without the wrapper's lock, so that paging them in holds the lock only to place them (running
         requests keep stepping meanwhile). Best effort: what fails here is read again, and fails
@@ -67,7 +67,7 @@ class Residency:
             if info is None or name in self.slots or name in self.host:
                 continue
             try:
-                ahead[name] = self.read(Path(info.path), pickle_ok.get(name, False))
+                ahead[name] = self.read(Path(info.path), *read_args.get(name, (False, True)))
             except Exception:  # noqa: BLE001 - see above
                 continue
         return ahead

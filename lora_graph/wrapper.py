@@ -41,7 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import notebook, patch
-from .adapters import read_config
+from .adapters import adapter_dir, check_unchanged, is_unchanged, read_config
 from .backends import resolve_backend
 from .compat import Compat
 from .residency import Residency
@@ -115,7 +115,7 @@ class LoraGraph(Compat):
         self._host = HostCache(max_cpu)
         self._resident = Residency(self._patched, self._slots, self._host, adapter_dtype, max_rank)
         self._infos: dict[str, AdapterInfo] = {}  # the registry
-        self._pickle_ok: dict[str, bool] = {}
+        self._read_args: dict[str, tuple[bool, bool]] = {}  # name -> (allow_pickle, strict)
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         object.__setattr__(model, "_lora_graph", self)  # a plain attribute, never a submodule
@@ -138,15 +138,15 @@ class LoraGraph(Compat):
         return frozenset(self._slots.pinned)
 
     def register_adapter(self, name: str, path: str | os.PathLike, allow_pickle: bool = False,
-                         replace: bool = False) -> AdapterInfo:
+                         replace: bool = False, strict: bool = True) -> AdapterInfo:
         """Record an adapter directory under ``name``; its weights are read when a request needs
         it. The config is read and validated now (refused fields fail here), the weights later."""
         self._check_live()
-        settings = self._open(name, path, replace)
+        settings = self._open(name, path, replace, strict)
         with self._lock:
             self._check_name(name, replace)
             info = self._infos[name] = AdapterInfo.of(name, path, settings)
-            self._pickle_ok[name] = allow_pickle
+            self._read_args[name] = (allow_pickle, strict)
             self._host.drop(name)
         return info
 
@@ -156,7 +156,7 @@ class LoraGraph(Compat):
             self.register_adapter(name, path, allow_pickle=allow_pickle)
 
     def load_adapter(self, name: str, path: str | os.PathLike | None = None, allow_pickle: bool = False,
-                     replace: bool = False) -> AdapterInfo:
+                     replace: bool = False, strict: bool = True) -> AdapterInfo:
         """Register ``path`` under ``name`` (unless it is registered already and ``path`` is None)
         and make it resident now.
 
@@ -171,16 +171,17 @@ class LoraGraph(Compat):
                 self._require(name)
                 self._resident.page_in([name], {name}, self._host_copy)
                 return self._infos[name]
-        settings = self._open(name, path, replace)
-        host = self._resident.read(Path(path), allow_pickle)  # outside the lock: reading is the slow part
+        settings = self._open(name, path, replace, strict)
+        host = self._resident.read(Path(path), allow_pickle, strict)  # outside the lock: reading is the slow part
         with self._lock:
             self._check_name(name, replace)
+            check_unchanged(host.weights)  # the files may have been rewritten while this waited for the lock
             old = self._slots.get(name)
             slot = self._resident.place(host, protect={name}, avoid={old} if old is not None else ())
             if old is not None:
                 self._resident.release(old, restore=False)
             self._infos[name] = AdapterInfo.of(name, path, settings, host.weights, self.adapter_dtype)
-            self._pickle_ok[name] = allow_pickle
+            self._read_args[name] = (allow_pickle, strict)
             self._host.put(name, host)
             self._slots.assign(name, slot)
         logger.info("loaded adapter %r from %s into slot %d", name, path, slot)
@@ -198,7 +199,7 @@ class LoraGraph(Compat):
         with self._lock:
             self._require(name)
             del self._infos[name]
-            self._pickle_ok.pop(name, None)
+            self._read_args.pop(name, None)
             self._host.drop(name)
             self._forget_default(name)
             slot = self._slots.remove(name)
@@ -256,7 +257,7 @@ class LoraGraph(Compat):
             if spec is not None:
                 raise ValueError("pass either adapters (a SPEC) or adapter_names, not both")
             spec = spec_from_adapter_names(adapter_names)
-        ahead = self._resident.read_ahead(spec, self._infos, self._pickle_ok)  # no lock: reading is slow
+        ahead = self._resident.read_ahead(spec, self._infos, self._read_args)  # no lock: reading is slow
         with self._lock:
             request = resolve_spec(spec, self._infos)
             names = request.names
@@ -322,20 +323,19 @@ class LoraGraph(Compat):
         self.router.end_forward()
 
     # -- helpers (call with the lock held) ------------------------------------------------------
-    def _open(self, name, path, replace: bool):
+    def _open(self, name, path, replace: bool, strict: bool):
         """Check a name and a directory and read its config: what registering and loading share."""
         self._check_name(name, replace)
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
-        return read_config(folder)
+        model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+        return read_config(adapter_dir(path), strict, model_name)
 
     def _host_copy(self, name: str, read: HostAdapter | None = None) -> HostAdapter:
         """A registered adapter's weights: from the host cache, ``read`` ahead, or read (and cached) now."""
         host = self._host.get(name)
         if host is None:
             info = self._infos[name]
-            host = read or self._resident.read(Path(info.path), self._pickle_ok.get(name, False))
+            fresh = read if read is not None and is_unchanged(read.weights) else None  # else read again now
+            host = fresh or self._resident.read(Path(info.path), *self._read_args.get(name, (False, True)))
             self._host.put(name, host)
             if info.targets is None:
                 self._infos[name] = AdapterInfo.of(name, info.path, host.weights.settings, host.weights,

@@ -135,14 +135,14 @@ def test_adapter_info(pair):
 
 
 @pytest.mark.parametrize("pad", [0, 3], ids=["aligned", "misaligned"])
-def test_mmap_reader_equals_safetensors(tmp_path, pad):
-    """The zero-copy reader gives safetensors' own tensors, for every dtype and shape, also when a
+def test_reader_equals_safetensors(tmp_path, pad):
+    """The reader gives safetensors' own mmap-read tensors, for every dtype and shape, also when a
     file's header length leaves the data misaligned for its dtypes (which the writer may do)."""
     import json
 
     from safetensors.torch import save_file
 
-    from lora_graph.adapters import mmap_safetensors
+    from lora_graph.adapters import read_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -160,7 +160,7 @@ def test_mmap_reader_equals_safetensors(tmp_path, pad):
         raw = len(header).to_bytes(8, "little") + header + raw[8 + n :]
         path.write_bytes(raw)
         json.loads(header)
-    got = mmap_safetensors(path)
+    got = read_safetensors(path)
     ref = load_file(str(path))
     assert set(got) == set(ref)
     for key, want in ref.items():
