@@ -40,11 +40,13 @@ descheduled thread, and the numbers measure that instead.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import tempfile
 import time
+import warnings
 
 
 import torch
@@ -55,6 +57,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 use_checkout()
 import lora_graph  # noqa: E402
+from lora_graph import adapters  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"big": dict(rank=16, targets=ALL_LINEAR), "small": dict(rank=8, targets=["q_proj", "v_proj"])}
@@ -193,6 +196,89 @@ def bench_lora_graph(model, paths, device, run, repeats: int) -> dict:
     return out
 
 
+def mmap_reader(path) -> dict[str, torch.Tensor]:
+    """The hand-written reader lora_graph used before it read files with the safetensors library:
+    zero-copy views of a memory map (kept here only to time the two side by side)."""
+    import json
+    import mmap
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    header_len = int.from_bytes(mapped[:8], "little")
+    header = json.loads(bytes(mapped[8 : 8 + header_len]))
+    header.pop("__metadata__", None)
+    begin = 8 + header_len
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # views of a read-only map; never written
+        data = torch.frombuffer(mapped, dtype=torch.uint8, offset=begin)
+    available, flat, tensors = size - begin, {}, {}
+    for name, info in header.items():
+        dtype, shape, (start, end) = dtypes[info["dtype"]], info["shape"], info["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= start <= end <= available or end - start != numel * dtype.itemsize:
+            raise ValueError(f"data offsets of {name!r} do not match its shape or the file size")
+        if start % dtype.itemsize == 0 and begin % dtype.itemsize == 0:
+            whole = flat.get(dtype)
+            if whole is None:
+                whole = flat[dtype] = data[: available // dtype.itemsize * dtype.itemsize].view(dtype)
+            tensors[name] = whole.as_strided(shape, (shape[1], 1), start // dtype.itemsize)
+        else:
+            tensors[name] = data[start:end].clone().view(dtype).view(tuple(shape))
+    return tensors
+
+
+@contextlib.contextmanager
+def reader_variant(variant: str):
+    """``library``: as shipped; ``library_no_value_check``: without the NaN/Inf/range check of the
+    factors; ``mmap_no_value_check``: the previous path, the hand-written mmap reader and no check."""
+    saved = adapters._read_tensors, adapters._check_values
+    if variant != "library":
+        adapters._check_values = lambda *args: None
+    if variant == "mmap_no_value_check":
+        def read(folder, allow_pickle):
+            path = folder / adapters.SAFETENSORS_NAME
+            return mmap_reader(path), adapters.file_stamp(path)
+
+        adapters._read_tensors = read
+    try:
+        yield
+    finally:
+        adapters._read_tensors, adapters._check_values = saved
+
+
+READERS = ("library", "library_no_value_check", "mmap_no_value_check")
+
+
+def bench_readers(model, paths, device, run, repeats: int) -> dict:
+    """The three variants of ``reader_variant`` loading the same adapter (``replace=True``), one of
+    each per round, in rotating order; medians, and the value check's cost as the median of the
+    per-round ratios (library - library_no_value_check) / library."""
+    out = {}
+    lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
+    for kind in ADAPTERS:
+        path = paths[kind][0]
+        warm_page_cache(path)
+        lm.load_adapter(kind, path)
+        times = {v: [] for v in READERS}
+        for i in range(repeats):
+            for variant in READERS[i % 3:] + READERS[: i % 3]:
+                with reader_variant(variant):
+                    times[variant].append(run(lambda: lm.load_adapter(kind, path, replace=True), 1))
+        entry = {v: statistics.median(t) for v, t in times.items()}
+        entry["value_check_of_load"] = statistics.median(
+            (a - b) / a for a, b in zip(times["library"], times["library_no_value_check"]))
+        entry["library_over_mmap"] = statistics.median(
+            a / b for a, b in zip(times["library_no_value_check"], times["mmap_no_value_check"]))
+        out[kind] = entry
+        lm.unload_adapter(kind)
+    lm.unwrap()
+    return out
+
+
 def bench_peft(model, paths, device, run, repeats: int) -> dict:
     from peft import PeftModel
     from peft.utils.hotswap import hotswap_adapter
@@ -241,6 +327,8 @@ def bench_peft(model, paths, device, run, repeats: int) -> dict:
 def bench_dora(folder: str, repeats: int) -> dict:
     """Rounds of a LoRA load then a DoRA load of the same factors (``replace=True``) into one
     wrapper over a model with real base weights; PEFT's DoRA load once."""
+    from peft import PeftModel
+
     model = shared_weight_model()
     spec = ADAPTERS["big"]
     lora = write_adapter(model, os.path.join(folder, "dora_as_lora"), spec["rank"], spec["targets"], seed=30)
@@ -289,6 +377,7 @@ def main() -> None:
                  for i, (kind, spec) in enumerate(ADAPTERS.items())}
         with torch.inference_mode():
             lg = bench_lora_graph(model, paths, device, run, args.repeats)
+            readers = bench_readers(model, paths, device, run, args.repeats)
             pf = bench_peft(model, paths, device, run, max(3, args.repeats // 2))
         results = {}
         for kind, spec in ADAPTERS.items():
@@ -306,6 +395,7 @@ def main() -> None:
                 entry[label] = {"s": seconds, "GBps": nbytes / seconds / 1e9, "of_copy": copy["s"] / seconds}
             entry["lora_graph_load"]["of_copy"] = lg[f"{kind}_load_of_copy"]  # paired rounds
             results[kind] = entry
+        results["readers"] = readers
         results["switch"] = {"lora_graph_use_s": lg["switch_s"], "peft_set_adapter_s": pf["switch_s"]}
         if args.dora_repeats and device.type == "cpu":
             del model
@@ -337,6 +427,10 @@ def main() -> None:
             f"{results[k][label]['s'] * 1e3:>11.2f} ms {results[k][label]['GBps']:>6.2f} GB/s" for k in ADAPTERS))
     print(f"{'lora_graph load / copy':28}" + "".join(
         f"{results[k]['lora_graph_load']['of_copy'] * 100:>21.0f} %   " for k in ADAPTERS) + " (median of paired rounds)")
+    for kind, r in results["readers"].items():
+        print(f"{kind} load by reader: library {r['library'] * 1e3:.2f} ms, without the value check "
+              f"{r['library_no_value_check'] * 1e3:.2f} ms (check: {r['value_check_of_load'] * 100:.1f}% of a load), "
+              f"hand-written mmap {r['mmap_no_value_check'] * 1e3:.2f} ms (library / mmap {r['library_over_mmap']:.2f}x)")
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
           f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")

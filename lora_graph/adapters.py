@@ -391,15 +391,20 @@ def _check_module(folder, name, found, shape: ModuleShape | None, settings: Lora
 
 def _check_values(folder, name: str, part: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
     """NaN or infinity in a factor poisons every output of its module, and so does a finite value
-    beyond the range of ``dtype``, the dtype it is stored in (F64 factors kept as fp32, F32 as fp16)."""
+    beyond the range of ``dtype``, the dtype it is stored in (F64 factors kept as fp32, F32 as fp16).
+
+    One pass over the values: a sum, which is finite unless a value is not (or the sum overflows),
+    where ``dtype`` holds every value of the tensor's dtype; min and max otherwise, or to decide."""
     if not tensor.numel():
         return
     if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         tensor = tensor.float()  # float8 and friends: aminmax is not defined on them
-    lo, hi = (float(v) for v in torch.aminmax(tensor))  # one pass; NaN reaches both ends, ±inf one
+    limit = torch.finfo(dtype).max if dtype is not None else math.inf
+    if torch.finfo(tensor.dtype).max <= limit and math.isfinite(tensor.sum()):
+        return
+    lo, hi = (float(v) for v in torch.aminmax(tensor))  # NaN reaches both ends, ±inf one of them
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{folder}: module {name!r} has NaN or infinite values in its {part}")
-    limit = torch.finfo(dtype).max if dtype is not None else math.inf
     if max(-lo, hi) > limit:
         raise ValueError(f"{folder}: module {name!r} has a value {max(-lo, hi):.4g} in its {part}, beyond "
                          f"the range of {dtype} the adapters are kept in")
