@@ -6,9 +6,10 @@ Three tiers, fastest first:
   contiguous buffer (pinned when CUDA is present) so putting it on the device is one transfer;
 - registry: a name and a path; nothing is read until a request needs the adapter.
 
-Reading goes through mmap (adapters.py): each tensor is a view of the mapped file, validated in
-place and copied once, straight into the coalesced buffer (or, on a CPU model, into its slot), in
-the dtype the adapters are kept in. A DoRA adapter's per-module ``g`` vectors stay fp32 whatever
+Reading (adapters.py) reads each tensor of the file into host memory with ordinary reads (never a
+memory map, which a file rewritten in place turns into SIGBUS); validated there, it is copied once,
+straight into the coalesced buffer (or, on a CPU model, into its slot), in the dtype the adapters
+are kept in. A DoRA adapter's per-module ``g`` vectors stay fp32 whatever
 that dtype, in a second, small buffer that moves beside the first.
 """
 
@@ -68,7 +69,7 @@ class HostAdapter:
     a DoRA adapter's ``mag`` vectors views of ``mags``)."""
 
     weights: AdapterWeights
-    buffer: torch.Tensor | None  # (numel,) in the adapters' dtype; None: views of the mapped file
+    buffer: torch.Tensor | None  # (numel,) in the adapters' dtype; None: the tensors as read from the file
     mags: torch.Tensor | None = None  # (mag_numel,) fp32, DoRA's g of every module; None for LoRA
 
     @property
