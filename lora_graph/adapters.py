@@ -274,8 +274,8 @@ def read_adapter(
             continue
         parts.setdefault(found[0], {})[found[1]] = tensor
 
-    modules = {name: _check_module(folder, name, found, shapes.get(name), settings, dtype)
-               for name, found in parts.items()}
+    modules = {name: _check_module(folder, name, found, shapes.get(name), settings) for name, found in parts.items()}
+    _check_values(folder, parts, dtype)
     _check_targets(folder, modules, shapes, settings)
     if settings.use_dora:  # last: everything cheap to check has been checked
         modules = _with_dora_scales(folder, modules, parts, base_rows)
@@ -354,8 +354,7 @@ def _check_full_weight(folder, name: str, saved: torch.Tensor, own: torch.Tensor
         )
 
 
-def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings,
-                  dtype: torch.dtype | None = None) -> ModuleLora:
+def _check_module(folder, name, found, shape: ModuleShape | None, settings: LoraSettings) -> ModuleLora:
     if shape is None:
         raise ValueError(f"{folder}: module {name!r} does not exist in the model (or is not a Linear, Conv1D or Embedding)")
     is_emb = "lora_embedding_A" in found or "lora_embedding_B" in found
@@ -384,30 +383,43 @@ def _check_module(folder, name, found, shape: ModuleShape | None, settings: Lora
         if tuple(bias.shape) != (n,):
             raise ValueError(f"{folder}: module {name!r} has a lora_B bias of shape {tuple(bias.shape)}, expected ({n},)")
     _check_magnitude(folder, name, found.get(_MAGNITUDE), n, settings.use_dora)
-    for part, tensor in found.items():  # lora_A/B, the bias and DoRA's magnitude (kept in fp32)
-        _check_values(folder, name, part, tensor, torch.float32 if part == _MAGNITUDE else dtype)
     return ModuleLora(a, b, bias, rank, settings.scale_for(name))
 
 
-def _check_values(folder, name: str, part: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> None:
-    """NaN or infinity in a factor poisons every output of its module, and so does a finite value
-    beyond the range of ``dtype``, the dtype it is stored in (F64 factors kept as fp32, F32 as fp16).
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-    One pass over the values: a sum, which is finite unless a value is not (or the sum overflows),
-    where ``dtype`` holds every value of the tensor's dtype; min and max otherwise, or to decide."""
-    if not tensor.numel():
-        return
-    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        tensor = tensor.float()  # float8 and friends: aminmax is not defined on them
-    limit = torch.finfo(dtype).max if dtype is not None else math.inf
-    if torch.finfo(tensor.dtype).max <= limit and math.isfinite(tensor.sum()):
-        return
-    lo, hi = (float(v) for v in torch.aminmax(tensor))  # NaN reaches both ends, ±inf one of them
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{folder}: module {name!r} has NaN or infinite values in its {part}")
-    if max(-lo, hi) > limit:
-        raise ValueError(f"{folder}: module {name!r} has a value {max(-lo, hi):.4g} in its {part}, beyond "
-                         f"the range of {dtype} the adapters are kept in")
+
+def _check_values(folder, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
+    """NaN or infinity in a factor poisons every output of its module, and so does a finite value
+    beyond the range of the dtype it is kept in: ``dtype`` (an F64 factor kept as fp32, an F32 one
+    as fp16), fp32 for DoRA's magnitude.
+
+    One pass over the values: where the kept dtype holds every value of the file's, a sum per
+    tensor, finite unless a value is not (or the sum overflows), all tested at once; min and max
+    otherwise, and for a tensor whose sum is not finite, to tell which it is."""
+    limits = {part: math.inf if dtype is None else torch.finfo(dtype).max for part in _PARTS}
+    limits[_MAGNITUDE] = torch.finfo(torch.float32).max
+    by_sum: dict[torch.dtype, list] = {}
+    exact = []
+    for name, found in parts.items():
+        for part, tensor in found.items():
+            if not tensor.numel():
+                continue
+            entry = (name, part, tensor, limits[part])
+            summed = tensor.dtype in _FLOATS and torch.finfo(tensor.dtype).max <= limits[part]
+            (by_sum.setdefault(tensor.dtype, []) if summed else exact).append(entry)
+    for group in by_sum.values():
+        finite = torch.isfinite(torch.stack([entry[2].sum() for entry in group])).tolist()
+        exact += [entry for entry, ok in zip(group, finite) if not ok]
+    for name, part, tensor, limit in exact:
+        if tensor.dtype not in _FLOATS:
+            tensor = tensor.float()  # float8 and friends: aminmax is not defined on them
+        lo, hi = (float(v) for v in torch.aminmax(tensor))  # NaN reaches both ends, ±inf one of them
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{folder}: module {name!r} has NaN or infinite values in its {part}")
+        if max(-lo, hi) > limit:
+            raise ValueError(f"{folder}: module {name!r} has a value {max(-lo, hi):.4g} in its {part}, beyond "
+                             f"the range of {dtype} the adapters are kept in")
 
 
 def _check_magnitude(folder, name: str, magnitude: torch.Tensor | None, n: int, use_dora: bool) -> None:
