@@ -241,23 +241,39 @@ def read_adapter(
         raise FileNotFoundError(f"adapter directory not found: {str(path)!r}")
     settings = read_config(folder)
     tensors = _read_tensors(folder, allow_pickle)
+    return adapter_weights(folder, settings, tensors, shapes, base_weight, base_rows)
 
+
+def adapter_weights(
+    source,
+    settings: LoraSettings,
+    tensors: dict[str, torch.Tensor],
+    shapes: dict[str, ModuleShape],
+    base_weight: Callable[[str], torch.Tensor | None] = lambda name: None,
+    base_rows: Callable[[str], Callable[[int, int], torch.Tensor]] | None = None,
+) -> AdapterWeights:
+    """Validate PEFT-keyed ``tensors`` under ``settings`` against the model (see
+    :func:`read_adapter`): what a folder and an in-memory adapter share, so both are checked, and
+    placed, alike. ``source`` names the adapter in errors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         found = split_key(key)
         if found is None:
             full = split_key(key, _FULL)
             if full is None:
-                raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
-            _check_full_weight(folder, full[0], tensor, base_weight(full[0]))
+                raise ValueError(f"{source}: unexpected key {key!r} in the adapter weights")
+            _check_full_weight(source, full[0], tensor, base_weight(full[0]))
             continue
-        parts.setdefault(found[0], {})[found[1]] = tensor
+        module = parts.setdefault(found[0], {})
+        if found[1] in module:  # the same tensor spelled with and without PEFT's prefix
+            raise ValueError(f"{source}: key {key!r} repeats {found[1]} of module {found[0]!r} under another spelling")
+        module[found[1]] = tensor
 
-    modules = {name: _check_module(folder, name, found, shapes.get(name), settings) for name, found in parts.items()}
-    _check_targets(folder, modules, shapes, settings)
+    modules = {name: _check_module(source, name, found, shapes.get(name), settings) for name, found in parts.items()}
+    _check_targets(source, modules, shapes, settings)
     if settings.use_dora:  # last: everything cheap to check has been checked
-        modules = _with_dora_scales(folder, modules, parts, base_rows)
-    return AdapterWeights(str(folder), settings, modules)
+        modules = _with_dora_scales(source, modules, parts, base_rows)
+    return AdapterWeights(str(source), settings, modules)
 
 
 def _check_targets(folder, modules: dict[str, ModuleLora], shapes: dict[str, ModuleShape], settings) -> None:
