@@ -13,7 +13,7 @@ sits behind it:
                                                                   └──place──> banks of the patched modules (patch.py)
     use(SPEC) ──resolve, hold slots──> Router (routing.py) ──pre-forward hook──> layout (backends/) ──> layers
 
-Adapters live in three tiers: registered (a folder, a Hub snapshot or host tensors: loading.py and
+Adapters live in three tiers: registered (a folder, a Hub snapshot or host tensors: registry.py and
 sources.py), cached on the host, and resident in one of ``max_loaded`` device slots. A request that
 names a registered adapter pages it in before its first forward, evicting the least recently used
 slot that no running request holds and no one pinned. Switching adapters between requests copies
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from . import notebook, patch
 from .backends import resolve_backend
 from .compat import Compat
-from .loading import Loading
+from .registry import Registry
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
 from .slots import SlotTable
@@ -96,7 +96,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Loading, Compat):
+class LoraGraph(Registry, Compat):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,

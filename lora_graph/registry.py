@@ -20,7 +20,7 @@ from .store import AdapterInfo, HostAdapter, fingerprint
 logger = logging.getLogger(__name__)
 
 
-class Loading:
+class Registry:
     """Mixed into LoraGraph; relies on its lock, registry (``_infos``, ``_sources``), host cache,
     residency and slot table."""
 
