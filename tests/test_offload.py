@@ -199,3 +199,30 @@ def test_dora_on_a_weight_that_holds_no_data_is_refused(setup):
         lm.load_adapter("d", paths["d"])
     assert dict(lm.adapters) == {} and lm.resident == ()
     lm.unwrap()
+
+
+GPU_MAP = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": "disk",
+           "model.layers.3": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: offloaded modules execute on it")
+def test_offloaded_to_cpu_and_disk_executing_on_the_gpu(setup, tmp_path):
+    """The usual big-model case: the main device is a GPU, some layers wait in host memory or on
+    disk and execute on the GPU; their banks live on the GPU."""
+    root, paths = setup
+    loras = {n: paths[n] for n in "abc"}
+    model = AutoModelForCausalLM.from_pretrained(root / "model", device_map=GPU_MAP, offload_folder=tmp_path / "off")
+    assert_offloaded(model.eval())
+    lm = lora_graph.wrap(model, max_loaded=2)
+    for name, path in loras.items():
+        lm.register_adapter(name, path)
+    twin = dispatch_model(peft_oracle(plain(root), loras), {"base_model.model." + k: v for k, v in GPU_MAP.items()},
+                          offload_dir=tmp_path / "off_peft")
+    ids = token_ids(3, 6).cuda()
+    with torch.no_grad():
+        for names in (["a", "b", "__base__"], ["c", "c", "a"], ["b", "__base__", "c"]):
+            spec = [None if n == "__base__" else n for n in names]
+            torch.testing.assert_close(lm(input_ids=ids, adapters=spec).logits, peft_rows(twin, names, input_ids=ids),
+                                       atol=1e-4, rtol=0, msg=lambda m: f"{names}: {m}")
+    for index in (1, 2, 3):
+        assert model.model.layers[index].self_attn.q_proj.bank.device.type == "cuda"
