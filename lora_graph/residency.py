@@ -13,6 +13,7 @@ request and costs no resident adapter. A failure half-way rolls back what it pla
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from . import patch
