@@ -42,6 +42,9 @@ class Registry:
             self._host.drop(name)
             if host is not None:
                 self._host.put(name, host)
+            old = self._slots.remove(name)  # replaced: the next request pages the new weights in
+            if old is not None:
+                self._resident.release(old, restore=False)  # running requests finish with the old
         return info
 
     def register_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:

@@ -306,3 +306,23 @@ def test_hub_offline_from_the_environment(setup, tmp_path):
     assert first == "model.layers.0.mlp.down_proj"
     assert "'org/adapter-d'" in second and "HF_HUB_OFFLINE is set" in second and str(cache) in second
     shutil.rmtree(cache)
+
+
+@pytest.mark.parametrize("source", ["folder", "memory"])
+def test_registering_over_a_resident_adapter_serves_the_new_weights(setup, source):
+    """register_adapter(replace=True) on a resident adapter: requests after it get the new weights."""
+    model, paths = setup
+    ids = token_ids(2, 5)
+    oracle = lora_graph.wrap(copy.deepcopy(model))
+    oracle.load_adapter("x", paths["b"])
+    lm = lora_graph.wrap(copy.deepcopy(model), max_loaded=2)
+    lm.load_adapter("x", paths["a"])
+    assert lm.resident == ("x",)
+    if source == "folder":
+        lm.register_adapter("x", paths["b"], replace=True)
+    else:
+        tensors, config = memory(paths["b"])
+        lm.register_adapter("x", state_dict=tensors, config=config, replace=True)
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids, adapters="x").logits, oracle(input_ids=ids, adapters="x").logits)
+    assert lm.adapters["x"].targets == oracle.adapters["x"].targets
