@@ -44,6 +44,11 @@ class Source:
     tensors: dict[str, torch.Tensor] | None = None
     label: str = ""  # how errors name an in-memory adapter
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this source keeps (in-memory tensors); 0 for a folder."""
+        return sum(t.numel() * t.element_size() for t in (self.tensors or {}).values())
+
     def read(self, shapes, **model) -> AdapterWeights:
         """The validated weights; ``model`` holds read_adapter's ``base_weight`` and ``base_rows``."""
         if self.tensors is None:

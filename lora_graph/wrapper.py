@@ -187,9 +187,12 @@ class LoraGraph(Registry, Compat):
             self._resident.prefetch(progress_bar(names, "prefetching adapters", self.progress), self._host_copy)
 
     def memory(self) -> dict:
-        """Bytes per tier: device slot buffers and the adapter bytes they hold, and the host cache."""
+        """Bytes per tier: device slot buffers and the adapter bytes they hold, the host cache, and
+        the host copies of in-memory adapters (``host.in_memory``, kept while they are registered)."""
         with self._lock:
-            return {**self._resident.memory(), "registered": len(self._infos)}
+            out = {**self._resident.memory(), "registered": len(self._infos)}
+            out["host"]["in_memory"] = sum(source.nbytes for source in self._sources.values())
+            return out
 
     # -- requests ---------------------------------------------------------------------------
     def lease(self, spec=None, *, adapter_names=None) -> Lease:

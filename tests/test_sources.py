@@ -163,18 +163,22 @@ def test_registered_tensors_are_kept_on_the_host_and_paged_in(setup):
     for name, path in paths.items():
         oracle.load_adapter(name, path)
     lm = lora_graph.wrap(copy.deepcopy(model), max_loaded=1, max_cpu=0)
+    kept = 0
     for name, path in paths.items():
         tensors, config = memory(path)
+        kept += sum(t.numel() * t.element_size() for t in tensors.values())
         info = lm.register_adapter(name, state_dict=tensors, config=config)
         assert info.targets == oracle.adapters[name].targets  # validated when registered
         for t in tensors.values():
             t.zero_()  # the caller's tensors change afterwards; the adapter does not
-    assert lm.resident == ()
+    assert lm.resident == () and lm.memory()["host"]["in_memory"] == kept
     with torch.no_grad():
         for spec in ["a", "b", "c", "a", ["c", None, "c"], "b"]:
             got = lm(input_ids=ids, adapters=spec).logits
             assert torch.equal(got, oracle(input_ids=ids, adapters=spec).logits), spec
     lm.unload_adapter("b")
+    assert lm.memory()["host"]["in_memory"] == kept - sum(t.numel() * t.element_size()
+                                                          for t in memory(paths["b"])[0].values())
     with pytest.raises(ValueError, match="unknown adapter 'b'"):
         lm(input_ids=ids, adapters="b")
 
