@@ -12,8 +12,8 @@ Setups, each on the same held-out words (never seen in training), greedy decodin
     merged->nf4    PEFT merge_and_unload into fp32, then nf4; one model per adapter
     merged->int8   the same with int8
 
-Quantization replaces every Linear except lm_head (lora_graph.demo.quantize_linears, which is
-what transformers does too); an adapter's embed_tokens / lm_head part therefore stays fp32 when
+Quantization is transformers' own: the model is loaded with a ``BitsAndBytesConfig``
+(lora_graph.demo.load_base / quantized_copy), which keeps lm_head unquantized; an adapter's embed_tokens / lm_head part therefore stays fp32 when
 merged. The "base" column is the copy task of the base model itself under the same quantization.
 
     .venv/bin/python benchmarks/bench_quant_quality.py [--words 200]
@@ -58,9 +58,7 @@ def score(answers: list[str], task: str, words: list[str]) -> float:
 
 def branch(tokenizer, words: list[str], quantize: str) -> dict[str, float]:
     """All adapters and the base in ONE mixed generate call over a (quantized) base."""
-    model = load_base()
-    demo.quantize_linears(model, quantize)
-    lm = lora_graph.wrap(model)
+    lm = lora_graph.wrap(demo.load_base(quantize))
     for name, path in demo.adapter_paths().items():
         lm.load_adapter(name, path)
     tasks = [*demo.ADAPTERS, None]
@@ -74,12 +72,10 @@ def merged(tokenizer, words: list[str], quantize: str) -> dict[str, float]:
     """Each adapter merged into its own fp32 copy of the base (PEFT), then quantized."""
     out = {}
     for name, path in demo.adapter_paths().items():
-        model = PeftModel.from_pretrained(load_base(), path).merge_and_unload().eval()
-        demo.quantize_linears(model, quantize)
+        model = demo.quantized_copy(PeftModel.from_pretrained(load_base(), path).merge_and_unload(), quantize)
         answers, _ = demo.complete(model, tokenizer, words)
         out[name] = score(answers, name, words)
-    model = load_base()
-    demo.quantize_linears(model, quantize)
+    model = demo.load_base(quantize)
     answers, _ = demo.complete(model, tokenizer, words)
     out["base"] = score(answers, "copy", words)
     return out

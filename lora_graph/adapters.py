@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from .config import AdapterConfigError, LoraSettings, parse_config
+from .config import AdapterConfigError, LoraSettings, parse_config, warn_if_other_base
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +218,7 @@ def read_config(folder: Path, strict: bool = True, model_name: str | None = None
     except RecursionError:
         raise AdapterConfigError(f"{cfg}: JSON nested too deeply to be an adapter config") from None
     settings = parse_config(raw, source=str(cfg), strict=strict)
-    trained_on = raw.get("base_model_name_or_path")
-    if model_name and trained_on and trained_on != model_name:
-        logger.warning("%s: the adapter was trained on %r but the wrapped model is %r", cfg, trained_on, model_name)
+    warn_if_other_base(raw, model_name, str(cfg))
     return settings
 
 
@@ -262,24 +260,42 @@ def read_adapter(
     config_stamp = file_stamp(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
     settings = read_config(folder, strict)
     tensors, weights_stamp = _read_tensors(folder, allow_pickle)
+    weights = adapter_weights(folder, settings, tensors, shapes, base_weight, base_rows, dtype)
+    return replace(weights, files=(config_stamp, weights_stamp))
 
+
+def adapter_weights(
+    source,
+    settings: LoraSettings,
+    tensors: dict[str, torch.Tensor],
+    shapes: dict[str, ModuleShape],
+    base_weight: Callable[[str], torch.Tensor | None] = lambda name: None,
+    base_rows: Callable[[str], Callable[[int, int], torch.Tensor]] | None = None,
+    dtype: torch.dtype | None = None,
+) -> AdapterWeights:
+    """Validate PEFT-keyed ``tensors`` under ``settings`` against the model (see
+    :func:`read_adapter`): what a folder and an in-memory adapter share, so both are checked, and
+    placed, alike. ``source`` names the adapter in errors."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         found = split_key(key)
         if found is None:
             full = split_key(key, _FULL)
             if full is None:
-                raise ValueError(f"{folder}: unexpected key {key!r} in the adapter weights")
-            _check_full_weight(folder, full[0], tensor, base_weight(full[0]))
+                raise ValueError(f"{source}: unexpected key {key!r} in the adapter weights")
+            _check_full_weight(source, full[0], tensor, base_weight(full[0]))
             continue
-        parts.setdefault(found[0], {})[found[1]] = tensor
+        module = parts.setdefault(found[0], {})
+        if found[1] in module:  # the same tensor spelled with and without PEFT's prefix
+            raise ValueError(f"{source}: key {key!r} repeats {found[1]} of module {found[0]!r} under another spelling")
+        module[found[1]] = tensor
 
-    modules = {name: _check_module(folder, name, found, shapes.get(name), settings) for name, found in parts.items()}
-    _check_values(folder, parts, dtype)
-    _check_targets(folder, modules, shapes, settings)
+    modules = {name: _check_module(source, name, found, shapes.get(name), settings) for name, found in parts.items()}
+    _check_values(source, parts, dtype)
+    _check_targets(source, modules, shapes, settings)
     if settings.use_dora:  # last: everything cheap to check has been checked
-        modules = _with_dora_scales(folder, modules, parts, base_rows)
-    return AdapterWeights(str(folder), settings, modules, (config_stamp, weights_stamp))
+        modules = _with_dora_scales(source, modules, parts, base_rows)
+    return AdapterWeights(str(source), settings, modules)
 
 
 def _check_targets(folder, modules: dict[str, ModuleLora], shapes: dict[str, ModuleShape], settings) -> None:

@@ -34,7 +34,7 @@ def run_demo(args) -> int:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import torch
     from rich.console import Console
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     import lora_graph
@@ -49,11 +49,8 @@ def run_demo(args) -> int:
     hf_logging.disable_progress_bar()  # a 39-tensor model needs no loading bar
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(demo.base_path())
-    model = AutoModelForCausalLM.from_pretrained(demo.base_path(), dtype=torch.float32).eval()
+    model = demo.load_base(args.quantize)  # bitsandbytes quantizes while transformers loads
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quantized = demo.quantize_linears(model, args.quantize)
-    quant_s = time.perf_counter() - t0
     try:
         lm = lora_graph.wrap(model, backend=args.backend)
     except ValueError as exc:
@@ -80,7 +77,7 @@ def run_demo(args) -> int:
 
     ranks = {n: i.rank for n, i in lm.adapters.items()}
     loads = ", ".join(f"{n} (r={ranks[n]}) {s * 1e3:.1f} ms" for n, s in adapter_s.items())
-    quant = f", {quantized} Linear layers → {args.quantize} in {quant_s:.2f} s" if quantized else ""
+    quant = f" ({args.quantize} by BitsAndBytesConfig)" if args.quantize != "none" else ""
     console.print(f"base load {load_s:.2f} s{quant}\nadapter loads: {loads}\n"
                   f"generate: {gen_s:.2f} s for {tokens} tokens over {len(rows)} rows "
                   f"→ {tokens / gen_s:.0f} tokens/s (backend {lm.backend})\n"

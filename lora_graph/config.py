@@ -158,6 +158,15 @@ def parse_config(raw: Mapping, source: str = "adapter_config.json", strict: bool
     )
 
 
+def warn_if_other_base(raw: Mapping, model_name: str | None, source: str) -> None:
+    """Log when the config's ``base_model_name_or_path`` and the wrapped model's ``_name_or_path``
+    are both set and differ: the adapter may have been trained on another model (the shapes, checked
+    later, catch only some of those)."""
+    trained_on = raw.get("base_model_name_or_path") if isinstance(raw, Mapping) else None
+    if model_name and trained_on and trained_on != model_name:
+        logger.warning("%s: the adapter was trained on %r but the wrapped model is %r", source, trained_on, model_name)
+
+
 def _refuse_unsupported(raw: Mapping, source: str, strict: bool) -> None:
     """Fields that change the math or rewrite the base, and unknown fields that carry a value."""
 

@@ -10,8 +10,8 @@ is reproduced by ``scripts/train_demo.py``; a fixed share of all words (chosen b
 trained on, and :func:`heldout_words` draws evaluation words from that share only.
 
 This module holds the data side (paths, prompts, expected outputs, held-out words), greedy
-decoding of a mixed batch in one ``generate`` call (:func:`complete`), and the optional
-quantization of a loaded base. Loading the model is left to the caller (the CLI, tests, benchmarks).
+decoding of a mixed batch in one ``generate`` call (:func:`complete`), and loading the base,
+optionally quantized by transformers' ``BitsAndBytesConfig`` (:func:`load_base`).
 """
 
 from __future__ import annotations
@@ -120,37 +120,45 @@ def valid_word(word: str) -> bool:
     return MIN_LEN <= len(word) <= MAX_LEN and all(c in _LETTERS for c in word)
 
 
-def quantize_linears(model: nn.Module, mode: str, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Replace the model's ``nn.Linear`` layers in place by bitsandbytes ``nf4`` or ``int8`` ones.
+def quantization_config(mode: str, compute_dtype: torch.dtype = torch.float32):
+    """transformers' ``BitsAndBytesConfig`` for ``mode`` (``nf4`` or ``int8``; None for ``none``).
 
-    Works on CPU as well as CUDA. ``lm_head`` is kept, as transformers does when it quantizes.
-    Returns the number of layers replaced; ``mode="none"`` changes nothing.
+    bitsandbytes 4-bit and 8-bit layers run on CPU as well as CUDA; transformers keeps ``lm_head``
+    unquantized. Pass it to ``from_pretrained(..., quantization_config=...)``.
     """
     if mode not in QUANTIZE:
         raise ValueError(f"unknown quantization {mode!r}; expected one of {QUANTIZE}")
     if mode == "none":
-        return 0
-    import bitsandbytes as bnb
+        return None
+    from transformers import BitsAndBytesConfig
 
-    names = [
-        name for name, m in model.named_modules()
-        if type(m) is nn.Linear and name.rsplit(".", 1)[-1] not in skip
-    ]
-    for name in names:
-        lin = model.get_submodule(name)
-        weight = lin.weight.data
-        has_bias = lin.bias is not None
-        if mode == "nf4":
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias,
-                                  compute_dtype=weight.dtype, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
-        else:
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=0.0)
-            q.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
-        if has_bias:
-            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        q = q.to(weight.device)  # bitsandbytes quantizes on the move to a device
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
-    return len(names)
+    if mode == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base(quantize: str = "none", path: str | None = None, dtype=torch.float32, device=None) -> nn.Module:
+    """The demo base (or the model at ``path``) in eval mode, quantized by transformers on load.
+
+    ``device``: where a quantized model is placed (default: CUDA when available, else the CPU).
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = quantization_config(quantize, dtype if isinstance(dtype, torch.dtype) else torch.float32)
+    kwargs = {}
+    if config is not None:
+        kwargs = dict(quantization_config=config,
+                      device_map=str(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    return AutoModelForCausalLM.from_pretrained(path or base_path(), dtype=dtype, **kwargs).eval()
+
+
+def quantized_copy(model: nn.Module, mode: str) -> nn.Module:
+    """A copy of an in-memory (e.g. merged) model, quantized by transformers: saved to a temporary
+    folder and loaded back with :func:`quantization_config`. ``mode="none"`` returns ``model``."""
+    if quantization_config(mode) is None:
+        return model
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return load_base(mode, folder, dtype=model.dtype)

@@ -328,19 +328,20 @@ def _facts(pairs: Sequence[tuple[str, object]]) -> str:
 
 
 def _quantization(lm) -> str:
-    """The base's quantization: transformers' config when it has one, else the kinds of the
-    modules adapters can patch (bitsandbytes layers show up by their class)."""
+    """The base's quantization: the kinds of the modules adapters can patch (bitsandbytes layers
+    show up by their class), after transformers' quantization method when it quantized the model."""
     config = getattr(getattr(lm.model, "config", None), "quantization_config", None)
-    if config is not None:
-        return html.escape(str(getattr(config, "quant_method", config)))
+    method = getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)  # transformers' QuantizationMethod enum
     kinds = Counter(
         type(m).__name__ + (f" ({m.weight.quant_type})" if getattr(m.weight, "quant_type", None) else "")
         for m in lm._patched.originals.values()
     )
     plain = {"Linear", "Embedding", "Conv1D"}
-    if set(kinds) <= plain:
-        return "none"
-    return ", ".join(f"{html.escape(k)} ×{n}" for k, n in kinds.most_common() if k not in plain)
+    layers = ", ".join(f"{html.escape(k)} ×{n}" for k, n in kinds.most_common() if k not in plain)
+    if method is None:
+        return layers or "none"
+    return html.escape(f"{method} (transformers)") + (f": {layers}" if layers else "")
 
 
 STATE_STYLE = {"pinned": "font-weight:bold;color:#1a7f37", "resident": "color:#1a7f37", "registered": "color:#6e7781"}

@@ -53,8 +53,31 @@ def patchable_modules(model: nn.Module) -> dict[str, nn.Module]:
 def plain_weight(module: nn.Module | None) -> torch.Tensor | None:
     """The unquantized weight of an Embedding or Linear, in PEFT's (out, in) / (vocab, dim) layout."""
     if isinstance(module, (nn.Embedding, nn.Linear)) and type(module.weight) in (torch.Tensor, nn.Parameter):
-        return module.weight
+        return stored_weight(module)
     return None
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, or, while accelerate keeps the module offloaded (the parameter on the meta
+    device between forwards), the copy its hook loads from: host memory or a file on disk."""
+    weight = module.weight
+    if weight.is_meta:
+        for hook in _accelerate_hooks(module):
+            weights = getattr(hook, "weights_map", None)
+            if getattr(hook, "offload", False) and weights is not None:
+                try:
+                    return weights["weight"]
+                except KeyError:
+                    continue
+    return weight
+
+
+def _accelerate_hooks(module: nn.Module) -> list:
+    """accelerate's hooks on ``module`` (a SequentialHook's parts, in order); [] for none."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
 
 
 def weight_rows(module: nn.Module):
@@ -66,7 +89,7 @@ def weight_rows(module: nn.Module):
     A bitsandbytes 4-bit weight is quantized in blocks over the flattened matrix, so it is
     dequantized whole, once per call of this function; LLM.int8 has one scale per row, and plain
     weights are sliced. Raises TypeError for another weight format."""
-    param = module.weight
+    param = stored_weight(module)
     kind = type(param).__name__
     if kind == "Params4bit":
         dense = _dequantize_4bit(param)  # (N, K)
@@ -79,6 +102,8 @@ def weight_rows(module: nn.Module):
     weight = param.detach()
     if type(param) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
         raise TypeError(f"its weight is a {kind} of {weight.dtype}, which cannot be read densely")
+    if weight.is_meta:
+        raise TypeError("its weight is on the meta device, and no accelerate offload hook holds its values")
     if isinstance(module, nn.Embedding) or (Conv1D and isinstance(module, Conv1D)):
         return lambda start, stop: _fp32_copy(weight[:, start:stop].t())  # stored (in, out)
     return lambda start, stop: _fp32_copy(weight[start:stop])
@@ -117,6 +142,25 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` runs, so where its bank lives. accelerate's big-model hooks (a
+    ``device_map`` with "cpu" or "disk" entries, ``cpu_offload``, ``disk_offload``) keep an
+    offloaded module's parameters on the meta device between forwards and name the device it runs
+    on in ``execution_device``; other modules run where their parameters are. A model whose first
+    parameter is offloaded runs where its first offloaded module does."""
+    for hook in _accelerate_hooks(module):
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    device = module_device(module)
+    if device.type == "meta":
+        for sub in module.modules():
+            hooked = next((h.execution_device for h in _accelerate_hooks(sub)
+                           if getattr(h, "execution_device", None) is not None), None)
+            if hooked is not None:
+                return torch.device(hooked)
+    return device
 
 
 def make_wrapper(base: nn.Module, bank, router) -> _LoraModule:
@@ -224,7 +268,7 @@ class PatchedModules:
             if bank is None:
                 shape = self.shapes[name]
                 bank = new_banks[name] = AdapterBank(
-                    shape.in_features, shape.out_features, module_device(self.originals[name]), self.dtype,
+                    shape.in_features, shape.out_features, execution_device(self.originals[name]), self.dtype,
                     slots=self.slots or slot + 1, rank=self.rank, lock=self.lock,
                 )
             if bank.device not in on_device:  # one transfer per device, not one per tensor

@@ -13,14 +13,13 @@ request and costs no resident adapter. A failure half-way rolls back what it pla
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from . import patch
-from .adapters import read_adapter
 from .routing import resolve_spec
 from .slots import SlotsFull, SlotTable
+from .sources import Source
 from .store import HostAdapter, HostCache, coalesce
 
 logger = logging.getLogger(__name__)
@@ -34,25 +33,24 @@ class Residency:
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         # A model on the CPU: the slots already are host memory, so a load copies the tensors read
         # from the file straight into its slot, and the OS page cache is the host tier.
-        self.coalesce = patch.module_device(patched.model).type != "cpu"
+        self.coalesce = patch.execution_device(patched.model).type != "cpu"
         if not self.coalesce:
             host.capacity = 0
 
-    def read(self, folder: Path, allow_pickle: bool, strict: bool = True) -> HostAdapter:
-        """Read and validate an adapter directory against the model, into host memory."""
+    def read(self, source: Source) -> HostAdapter:
+        """Read and validate an adapter (sources.py) against the model, into host memory."""
         modules = self.patched.originals
-        weights = read_adapter(folder, self.patched.shapes, allow_pickle=allow_pickle,
-                               base_weight=lambda n: patch.plain_weight(modules.get(n)),
-                               base_rows=lambda n: patch.weight_rows(modules[n]), dtype=self.dtype, strict=strict)
+        weights = source.read(self.patched.shapes, base_weight=lambda n: patch.plain_weight(modules.get(n)),
+                              base_rows=lambda n: patch.weight_rows(modules[n]), dtype=self.dtype)
         if self.max_rank is not None:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
             if too_big:
-                raise ValueError(f"{folder}: module {too_big[0][0]!r} has rank {too_big[0][1]} > max_rank={self.max_rank}")
+                raise ValueError(f"{weights.path}: module {too_big[0][0]!r} has rank {too_big[0][1]} > max_rank={self.max_rank}")
         if not self.coalesce:
             return HostAdapter(weights, None)
         return coalesce(weights, self.dtype, pin=self.stream is not None)
 
-    def read_ahead(self, spec, infos: dict, read_args: dict) -> dict[str, HostAdapter]:
+    def read_ahead(self, spec, infos: dict, sources: dict[str, Source]) -> dict[str, HostAdapter]:
         """The weights of the SPEC's registered adapters that are neither resident nor cached, read
         without the wrapper's lock, so that paging them in holds the lock only to place them (running
         requests keep stepping meanwhile). Best effort: what fails here is read again, and fails
@@ -67,7 +65,7 @@ class Residency:
             if info is None or name in self.slots or name in self.host:
                 continue
             try:
-                ahead[name] = self.read(Path(info.path), *read_args.get(name, (False, True)))
+                ahead[name] = self.read(sources[name])
             except Exception:  # noqa: BLE001 - see above
                 continue
         return ahead

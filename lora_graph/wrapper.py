@@ -13,10 +13,11 @@ sits behind it:
                                                                   └──place──> banks of the patched modules (patch.py)
     use(SPEC) ──resolve, hold slots──> Router (routing.py) ──pre-forward hook──> layout (backends/) ──> layers
 
-Adapters live in three tiers: registered (a path), cached on the host, and resident in one of
-``max_loaded`` device slots. A request that names a registered adapter pages it in before its first
-forward, evicting the least recently used slot that no running request holds and no one pinned.
-Switching adapters between requests copies nothing: only the routing changes.
+Adapters live in three tiers: registered (a folder, a Hub snapshot or host tensors: registry.py and
+sources.py), cached on the host, and resident in one of ``max_loaded`` device slots. A request that
+names a registered adapter pages it in before its first forward, evicting the least recently used
+slot that no running request holds and no one pinned. Switching adapters between requests copies
+nothing: only the routing changes.
 
 Threading model. One lock serialises registration, loading, paging, replacing and unloading.
 Forwards take no lock: a request resolves its names to slots once, when it starts, and holds those
@@ -29,25 +30,23 @@ consistent snapshot of the slots it uses.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import types
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import notebook, patch
-from .adapters import adapter_dir, check_unchanged, is_unchanged, read_config
 from .backends import resolve_backend
 from .compat import Compat
+from .registry import Registry
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
 from .slots import SlotTable
-from .store import AdapterInfo, HostAdapter, HostCache, fingerprint
+from .store import AdapterInfo, HostCache
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +96,14 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Compat):
+class LoraGraph(Registry, Compat):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
                  max_loaded: int | None = None, max_cpu: int | None = 8, max_rank: int | None = None,
                  progress: bool = True) -> None:
         _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank)
-        device = patch.module_device(model)
+        device = patch.execution_device(model)
         self.model = model
         self.router = Router(resolve_backend(backend, device), device)
         self.backend = self.router.backend.name
@@ -115,7 +114,7 @@ class LoraGraph(Compat):
         self._host = HostCache(max_cpu)
         self._resident = Residency(self._patched, self._slots, self._host, adapter_dtype, max_rank)
         self._infos: dict[str, AdapterInfo] = {}  # the registry
-        self._read_args: dict[str, tuple[bool, bool]] = {}  # name -> (allow_pickle, strict)
+        self._sources: dict = {}  # name -> sources.Source, where its weights are read from
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         object.__setattr__(model, "_lora_graph", self)  # a plain attribute, never a submodule
@@ -137,61 +136,6 @@ class LoraGraph(Compat):
     def pinned(self) -> frozenset[str]:
         return frozenset(self._slots.pinned)
 
-    def register_adapter(self, name: str, path: str | os.PathLike, allow_pickle: bool = False,
-                         replace: bool = False, strict: bool = True) -> AdapterInfo:
-        """Record an adapter directory under ``name``; its weights are read when a request needs
-        it. The config is read and validated now (refused fields fail here), the weights later."""
-        self._check_live()
-        settings = self._open(name, path, replace, strict)
-        with self._lock:
-            self._check_name(name, replace)
-            info = self._infos[name] = AdapterInfo.of(name, path, settings)
-            self._read_args[name] = (allow_pickle, strict)
-            self._host.drop(name)
-        return info
-
-    def register_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Register many adapters, with a progress bar in a notebook or on a terminal."""
-        for name, path in progress_bar(paths.items(), "registering adapters", self.progress):
-            self.register_adapter(name, path, allow_pickle=allow_pickle)
-
-    def load_adapter(self, name: str, path: str | os.PathLike | None = None, allow_pickle: bool = False,
-                     replace: bool = False, strict: bool = True) -> AdapterInfo:
-        """Register ``path`` under ``name`` (unless it is registered already and ``path`` is None)
-        and make it resident now.
-
-        With ``replace=True`` an adapter of that name is replaced in place: requests already running
-        finish with the old weights, new requests see the new ones. Everything is validated before
-        any module is touched: a failed load leaves the wrapper as it was.
-        """
-        self._check_live()
-        info = self._infos.get(name)
-        if path is None or (not replace and info is not None and info.files == fingerprint(path)):
-            with self._lock:  # registered from these very files already: make it resident
-                self._require(name)
-                self._resident.page_in([name], {name}, self._host_copy)
-                return self._infos[name]
-        settings = self._open(name, path, replace, strict)
-        host = self._resident.read(Path(path), allow_pickle, strict)  # outside the lock: reading is the slow part
-        with self._lock:
-            self._check_name(name, replace)
-            check_unchanged(host.weights)  # the files may have been rewritten while this waited for the lock
-            old = self._slots.get(name)
-            slot = self._resident.place(host, protect={name}, avoid={old} if old is not None else ())
-            if old is not None:
-                self._resident.release(old, restore=False)
-            self._infos[name] = AdapterInfo.of(name, path, settings, host.weights, self.adapter_dtype)
-            self._read_args[name] = (allow_pickle, strict)
-            self._host.put(name, host)
-            self._slots.assign(name, slot)
-        logger.info("loaded adapter %r from %s into slot %d", name, path, slot)
-        return self._infos[name]
-
-    def load_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Load many adapters, with a progress bar in a notebook or on a terminal."""
-        for name, path in progress_bar(paths.items(), "loading adapters", self.progress):
-            self.load_adapter(name, path, allow_pickle=allow_pickle)
-
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter. Requests already running with it finish with it (its slot is freed
         when the last one ends); modules that no resident adapter targets any more are restored."""
@@ -199,7 +143,7 @@ class LoraGraph(Compat):
         with self._lock:
             self._require(name)
             del self._infos[name]
-            self._read_args.pop(name, None)
+            self._sources.pop(name, None)
             self._host.drop(name)
             self._forget_default(name)
             slot = self._slots.remove(name)
@@ -243,9 +187,12 @@ class LoraGraph(Compat):
             self._resident.prefetch(progress_bar(names, "prefetching adapters", self.progress), self._host_copy)
 
     def memory(self) -> dict:
-        """Bytes per tier: device slot buffers and the adapter bytes they hold, and the host cache."""
+        """Bytes per tier: device slot buffers and the adapter bytes they hold, the host cache, and
+        the host copies of in-memory adapters (``host.in_memory``, kept while they are registered)."""
         with self._lock:
-            return {**self._resident.memory(), "registered": len(self._infos)}
+            out = {**self._resident.memory(), "registered": len(self._infos)}
+            out["host"]["in_memory"] = sum(source.nbytes for source in self._sources.values())
+            return out
 
     # -- requests ---------------------------------------------------------------------------
     def lease(self, spec=None, *, adapter_names=None) -> Lease:
@@ -257,7 +204,7 @@ class LoraGraph(Compat):
             if spec is not None:
                 raise ValueError("pass either adapters (a SPEC) or adapter_names, not both")
             spec = spec_from_adapter_names(adapter_names)
-        ahead = self._resident.read_ahead(spec, self._infos, self._read_args)  # no lock: reading is slow
+        ahead = self._resident.read_ahead(spec, self._infos, self._sources)  # no lock: reading is slow
         with self._lock:
             request = resolve_spec(spec, self._infos)
             names = request.names
@@ -321,26 +268,6 @@ class LoraGraph(Compat):
     @torch.compiler.disable
     def _post_forward(self, module, args, output):
         self.router.end_forward()
-
-    # -- helpers (call with the lock held) ------------------------------------------------------
-    def _open(self, name, path, replace: bool, strict: bool):
-        """Check a name and a directory and read its config: what registering and loading share."""
-        self._check_name(name, replace)
-        model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
-        return read_config(adapter_dir(path), strict, model_name)
-
-    def _host_copy(self, name: str, read: HostAdapter | None = None) -> HostAdapter:
-        """A registered adapter's weights: from the host cache, ``read`` ahead, or read (and cached) now."""
-        host = self._host.get(name)
-        if host is None:
-            info = self._infos[name]
-            fresh = read if read is not None and is_unchanged(read.weights) else None  # else read again now
-            host = fresh or self._resident.read(Path(info.path), *self._read_args.get(name, (False, True)))
-            self._host.put(name, host)
-            if info.targets is None:
-                self._infos[name] = AdapterInfo.of(name, info.path, host.weights.settings, host.weights,
-                                                   self.adapter_dtype)
-        return host
 
     # -- checks -----------------------------------------------------------------------------
     def _check_name(self, name, replace: bool) -> None:

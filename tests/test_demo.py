@@ -29,9 +29,7 @@ def load_base():
 
 
 def wrapped(quantize: str = "none"):
-    model = load_base()
-    demo.quantize_linears(model, quantize)
-    lm = lora_graph.wrap(model)
+    lm = lora_graph.wrap(demo.load_base(quantize))
     for name, path in demo.adapter_paths().items():
         lm.load_adapter(name, path)
     return lm
@@ -157,3 +155,12 @@ def test_cli_demo_exits_zero(quantize, capsys):
 
 def test_cli_demo_rejects_bad_words():
     assert cli.main(["demo", "--words", "ABC"]) == 2
+
+
+@pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_demo_base_is_quantized_by_transformers(quantize, layer):
+    """The demo quantizes through transformers' BitsAndBytesConfig, not by swapping layers itself."""
+    model = demo.load_base(quantize)
+    assert model.hf_quantizer is not None and model.config.quantization_config.quant_method == "bitsandbytes"
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == layer
+    assert type(model.lm_head) is torch.nn.Linear  # transformers keeps the head unquantized

@@ -147,6 +147,7 @@ UPPER = {
     "adapters.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
     "config.py": {"adapters", "bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
     "store.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
+    "sources.py": {"bank", "backends", "layers", "patch", "residency", "wrapper", "cli"},
     "wrapper.py": {"cli", "demo"},
 }
 

@@ -173,9 +173,7 @@ def test_repr_html_lists_resident_adapters_first_and_counts_the_rest():
 
 
 def test_repr_html_names_a_quantized_base():
-    model = load_base()
-    demo.quantize_linears(model, "nf4")
-    lm = lora_graph.wrap(model)
+    lm = lora_graph.wrap(demo.load_base("nf4"))
     lm.load_adapter("upper", demo.adapter_paths()["upper"])
     facts = Tables(lm._repr_html_()).tables[0]
     assert "Linear4bit (nf4)" in row_of(facts, "quantization")[1]

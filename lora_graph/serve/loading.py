@@ -20,7 +20,7 @@ def load_served(model_dir: str | None, adapters: dict | None = None, backend: st
     (default, for the demo: its four) and, with ``preload``, as many made resident as ``max_loaded``
     allows."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import lora_graph
 
@@ -28,8 +28,7 @@ def load_served(model_dir: str | None, adapters: dict | None = None, backend: st
         adapters = dict(demo.adapter_paths()) if model_dir is None else {}
     path = model_dir or str(demo.base_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if model_dir is None else "auto").eval()
-    demo.quantize_linears(model, quantize)
+    model = demo.load_base(quantize, path, dtype=torch.float32 if model_dir is None else "auto")
     lm = lora_graph.wrap(model, backend=backend, max_loaded=max_loaded)
     lm.register_adapters(adapters)
     for name in list(adapters)[: max_loaded or len(adapters)] if preload else ():
