@@ -388,3 +388,27 @@ def test_file_changing_during_the_read_is_refused(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(adapters, "safe_open", rewriting_open)
     with pytest.raises(ValueError, match="changed while the adapter was being read"):
         adapters.read_safetensors(type(tmp_path)(st))
+
+
+def test_in_memory_adapter_is_checked_alike(served, saved, caplog):
+    """state_dict= and config= go through the same checks: a NaN factor is refused, an unknown
+    config field needs strict=False, a config for another base model warns."""
+    lm, before = served
+    with open(os.path.join(saved["good"], "adapter_config.json")) as f:
+        config = json.load(f)
+    tensors = load_file(os.path.join(saved["good"], ST))
+    poisoned = dict(tensors)
+    poisoned[f"{Q}.lora_A.weight"] = tensors[f"{Q}.lora_A.weight"].clone().fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN or infinite values in its lora_A.weight"):
+        lm.load_adapter("new", state_dict=poisoned, config=config)
+    with pytest.raises(ValueError, match="strict=False"):
+        lm.load_adapter("new", state_dict=tensors, config={**config, "future_lora_knob": 1})
+    assert "new" not in lm.adapters
+    assert_unchanged(lm, before)
+    lm.model.config._name_or_path = "my-org/tiny-llama"
+    with caplog.at_level(logging.WARNING, logger="lora_graph"):
+        lm.load_adapter("new", state_dict=tensors, strict=False,
+                        config={**config, "future_lora_knob": 1, "base_model_name_or_path": "other/model"})
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "future_lora_knob" in logged and "other/model" in logged and "my-org/tiny-llama" in logged
+    assert "new" in lm.resident
