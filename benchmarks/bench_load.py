@@ -443,8 +443,8 @@ def main() -> None:
         f"{results[k]['lora_graph_load']['of_copy'] * 100:>21.0f} %   " for k in ADAPTERS) + " (median of paired rounds)")
     for kind, r in results["readers"].items():
         print(f"{kind} load by reader: library {r['library'] * 1e3:.2f} ms, without the value check "
-              f"{r['library_no_value_check'] * 1e3:.2f} ms (check alone {r['value_check_s'] * 1e3:.2f} ms: {r['value_check_of_load'] * 100:.1f}% of a load; "
-              f"paired rounds {r['value_check_of_load_paired'] * 100:.1f}%), "
+              f"{r['library_no_value_check'] * 1e3:.2f} ms (check alone {r['value_check_s'] * 1e3:.2f} ms: "
+              f"{r['value_check_of_load'] * 100:.1f}% of a load; paired rounds {r['value_check_of_load_paired'] * 100:.1f}%), "
               f"hand-written mmap {r['mmap_no_value_check'] * 1e3:.2f} ms (library / mmap {r['library_over_mmap']:.2f}x)")
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lora_graph
-from helpers import copy_adapter, edit_adapter_config, edit_adapter_tensors, save_adapter, targets, tiny_model
-from test_errors import _message, _snapshot, assert_unchanged, dora_saved, saved, served  # noqa: F401 - fixtures
+from helpers import copy_adapter, edit_adapter_config, edit_adapter_tensors, tiny_model
+from test_errors import _message, assert_unchanged, dora_saved, saved, served  # noqa: F401 - fixtures
 
 ST = "adapter_model.safetensors"
 
