@@ -104,7 +104,7 @@ def config_dict(config, label: str) -> dict:
         raise TypeError(f"{label}: config must be a peft LoraConfig or a dict, got {type(config).__name__}")
     try:
         return json.loads(json.dumps(raw, default=_as_json))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise AdapterConfigError(f"{label}: the config cannot be written as {CONFIG_NAME} ({exc})") from None
 
 

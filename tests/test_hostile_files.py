@@ -403,6 +403,11 @@ def test_in_memory_adapter_is_checked_alike(served, saved, caplog):
         lm.load_adapter("new", state_dict=poisoned, config=config)
     with pytest.raises(ValueError, match="strict=False"):
         lm.load_adapter("new", state_dict=tensors, config={**config, "future_lora_knob": 1})
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="in-memory adapter 'new'"):
+        lm.load_adapter("new", state_dict=tensors, config={**config, "note": deep})
     assert "new" not in lm.adapters
     assert_unchanged(lm, before)
     lm.model.config._name_or_path = "my-org/tiny-llama"
