@@ -124,12 +124,6 @@ def make_wrapper(base: nn.Module, bank, router) -> _LoraModule:
     return cls(base, bank, router)
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def is_peft_model(model: nn.Module) -> bool:
     """True when PEFT has already injected its own LoRA layers into ``model``."""
     try:
@@ -241,7 +235,7 @@ class PatchedModules:
             banks[name].publish(st)
         for name, wrapper in wrappers.items():
             self.banks[name] = new_banks[name]
-            set_module(self.model, name, wrapper)
+            self.model.set_submodule(name, wrapper, strict=True)
         self.router.invalidate(self.bank_sizes())
 
     @torch.inference_mode(False)
@@ -257,7 +251,7 @@ class PatchedModules:
 
     def restore_empty(self) -> None:
         for name in [n for n, bank in self.banks.items() if not bank.present]:
-            set_module(self.model, name, self.originals[name])
+            self.model.set_submodule(name, self.originals[name], strict=True)
             del self.banks[name]
         self.router.invalidate(self.bank_sizes())
 
@@ -274,6 +268,6 @@ class PatchedModules:
     def unpatch(self) -> None:
         """Every original module back; the banks are dropped."""
         for name in self.banks:
-            set_module(self.model, name, self.originals[name])
+            self.model.set_submodule(name, self.originals[name], strict=True)
         self.banks.clear()
         self.router.invalidate(())
