@@ -211,7 +211,9 @@ class PatchedModules:
     @torch.inference_mode(False)  # a first request inside inference_mode must not make the banks inference tensors
     def place(self, host: HostAdapter, slot: int, stream=None) -> None:
         """Write an adapter's factors into ``slot`` of every module it targets, creating banks and
-        wrapping modules as needed. Everything that can fail happens before the first write."""
+        wrapping modules as needed, and clear ``slot`` in the banks it does not target (the slot may
+        hold an adapter no request reads: a victim, or the one being replaced). Everything that can
+        fail happens before the first write; should a write fail anyway, ``slot`` is cleared everywhere."""
         staged, new_banks, on_device = {}, {}, {}
         for name, lora in host.weights.modules.items():
             bank = self.banks.get(name)
@@ -228,11 +230,18 @@ class PatchedModules:
         # commit: nothing below can fail on valid input
         banks = {n: new_banks.get(n) or self.banks[n] for n in staged}
         dst, src = [], []
-        for name, st in staged.items():
-            banks[name].prepare(st, dst, src)
-        torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        try:
+            for name, st in staged.items():
+                banks[name].prepare(st, dst, src)
+            torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        except BaseException:
+            self.free(slot, restore=False)
+            raise
         for name, st in staged.items():
             banks[name].publish(st)
+        for name, bank in self.banks.items():
+            if name not in staged:
+                bank.remove(slot)
         for name, wrapper in wrappers.items():
             self.banks[name] = new_banks[name]
             self.model.set_submodule(name, wrapper, strict=True)
@@ -254,6 +263,10 @@ class PatchedModules:
             self.model.set_submodule(name, self.originals[name], strict=True)
             del self.banks[name]
         self.router.invalidate(self.bank_sizes())
+
+    def holds(self, slot: int) -> bool:
+        """Whether some bank holds ``slot``."""
+        return any(slot in bank.present for bank in self.banks.values())
 
     def slot_nbytes(self, slot: int) -> int:
         return sum(bank.slot_nbytes(slot) for bank in self.banks.values())

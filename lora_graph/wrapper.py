@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from . import notebook, patch
 from .adapters import read_config
 from .backends import resolve_backend
+from .bulk import Bulk
 from .compat import Compat
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
@@ -97,7 +98,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Compat):
+class LoraGraph(Compat, Bulk):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
@@ -148,12 +149,8 @@ class LoraGraph(Compat):
             info = self._infos[name] = AdapterInfo.of(name, path, settings)
             self._pickle_ok[name] = allow_pickle
             self._host.drop(name)
+            self._resident.drop(name)  # new files: running requests keep the old copy, new ones page these in
         return info
-
-    def register_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Register many adapters, with a progress bar in a notebook or on a terminal."""
-        for name, path in progress_bar(paths.items(), "registering adapters", self.progress):
-            self.register_adapter(name, path, allow_pickle=allow_pickle)
 
     def load_adapter(self, name: str, path: str | os.PathLike | None = None, allow_pickle: bool = False,
                      replace: bool = False) -> AdapterInfo:
@@ -175,21 +172,13 @@ class LoraGraph(Compat):
         host = self._resident.read(Path(path), allow_pickle)  # outside the lock: reading is the slow part
         with self._lock:
             self._check_name(name, replace)
-            old = self._slots.get(name)
-            slot = self._resident.place(host, protect={name}, avoid={old} if old is not None else ())
-            if old is not None:
-                self._resident.release(old, restore=False)
+            slot = self._resident.replace(name, host)
             self._infos[name] = AdapterInfo.of(name, path, settings, host.weights, self.adapter_dtype)
             self._pickle_ok[name] = allow_pickle
             self._host.put(name, host)
             self._slots.assign(name, slot)
         logger.info("loaded adapter %r from %s into slot %d", name, path, slot)
         return self._infos[name]
-
-    def load_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Load many adapters, with a progress bar in a notebook or on a terminal."""
-        for name, path in progress_bar(paths.items(), "loading adapters", self.progress):
-            self.load_adapter(name, path, allow_pickle=allow_pickle)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter. Requests already running with it finish with it (its slot is freed
