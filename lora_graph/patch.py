@@ -124,6 +124,19 @@ def make_wrapper(base: nn.Module, bank, router) -> _LoraModule:
     return cls(base, bank, router)
 
 
+def generate_expansion(model: nn.Module, kwargs: dict) -> tuple[int, ...]:
+    """How many rows ``model.generate(**kwargs)`` makes of each input row, as transformers expands
+    them: ``num_beams`` for beam search, else ``num_return_sequences``; () for one."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def knob(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+    k = knob("num_beams") if knob("num_beams") > 1 else knob("num_return_sequences")
+    return (k,) if k > 1 else ()
+
+
 def is_peft_model(model: nn.Module) -> bool:
     """True when PEFT has already injected its own LoRA layers into ``model``."""
     try:

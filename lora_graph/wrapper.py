@@ -299,7 +299,8 @@ class LoraGraph(Compat, Bulk):
         ``num_return_sequences``) keep their row's adapters."""
         if adapters is _UNSET and adapter_names is None:
             return self.model.generate(*args, **kwargs)
-        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names):
+        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names), \
+                self.router.expanding(patch.generate_expansion(self.model, kwargs)):
             return self.model.generate(*args, **kwargs)
 
     @torch.compiler.disable
@@ -339,6 +340,8 @@ class LoraGraph(Compat, Bulk):
             raise ValueError(f"adapter {name!r} is already registered; unload_adapter({name!r}) first")
 
     def _require(self, name: str) -> None:
+        if not isinstance(name, str):  # a list would fail as "unhashable"
+            raise TypeError(f"expected one adapter name (a str), got {name!r}; delete_adapter takes a list")
         if name not in self._infos:
             raise ValueError(f"unknown adapter {name!r} (registered: {', '.join(sorted(self._infos)) or 'none'})")
 
