@@ -234,7 +234,7 @@ class PatchedModules:
                 shape = self.shapes[name]
                 bank = new_banks[name] = AdapterBank(
                     shape.in_features, shape.out_features, module_device(self.originals[name]), self.dtype,
-                    slots=self.slots or slot + 1, rank=self.rank, lock=self.lock,
+                    slots=self.slots or slot + 1, rank=self.rank, lock=self.lock, keep=(self.slots or 0, self.rank),
                 )
             if bank.device not in on_device:  # one transfer per device, not one per tensor
                 on_device[bank.device] = to_device(host, bank.device, stream).modules
@@ -253,8 +253,9 @@ class PatchedModules:
         for name, st in staged.items():
             banks[name].publish(st)
         for name, bank in self.banks.items():
-            if name not in staged:
+            if name not in staged and slot in bank.present:
                 bank.remove(slot)
+                bank.compact()
         for name, wrapper in wrappers.items():
             self.banks[name] = new_banks[name]
             self.model.set_submodule(name, wrapper, strict=True)
@@ -267,6 +268,7 @@ class PatchedModules:
         graph was traced with."""
         for bank in self.banks.values():
             bank.remove(slot)
+            bank.compact()  # a state swap: forwards still reading the old storage keep it
         if restore:
             self.restore_empty()
         self.router.invalidate(self.bank_sizes())
