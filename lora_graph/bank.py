@@ -75,7 +75,7 @@ class AdapterBank:
                  slots: int = 0, rank: int = 0, grow: bool = True, lock: threading.RLock | None = None,
                  keep: tuple[int, int] = (0, 0)) -> None:
         """``slots`` and ``rank`` preallocate the stacked buffers; with ``grow`` a load that needs
-        more slots doubles them. ``keep``: the slots and rank the owner declared (max_loaded,
+        more slots adds a tenth. ``keep``: the slots and rank the owner declared (max_loaded,
         max_rank); the storage never shrinks below them, and never at all when both are declared.
         ``lock`` is the owner's, held by every write."""
         self.in_features = in_features
@@ -143,7 +143,7 @@ class AdapterBank:
 
     def _fit(self, slot: int | None = None, lora: ModuleLora | None = None) -> Factors:
         """The storage for the present slots (``slot`` replaced by ``lora``): the current one when
-        it fits, else a copy grown to what is needed (the slots doubling), or shrunk to it once more
+        it fits, else a copy grown to what is needed (the slots by a tenth), or shrunk to it once more
         than half of it is unused (an unloaded large rank, free slots at the end), or with the bias
         or DoRA table dropped when no slot has one. A fixed bank only grows."""
         st = self.state
@@ -153,7 +153,8 @@ class AdapterBank:
         need_slots = max(self.keep[0], 1, max(others, default=-1) + 1, -1 if slot is None else slot + 1)
         need_rank = max(self.keep[1], 1, max(others.values(), default=0), lora.rank if lora is not None else 0)
         grow_slots = need_slots > have_slots
-        slots = max(need_slots, 2 * have_slots if self.grow else 0) if grow_slots else have_slots
+        # a tenth more at a time: at most 10% of the slots stand empty, for a copy of the bank every ~10% of growth
+        slots = max(need_slots, have_slots + max(1, have_slots // 10) if self.grow else 0) if grow_slots else have_slots
         rank = max(need_rank, have_rank)
         copied = (slots, rank) != (have_slots, have_rank)
         if not self.fixed and (copied or 2 * need_slots * need_rank <= have_slots * have_rank):
