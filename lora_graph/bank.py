@@ -12,8 +12,9 @@ Scale and rank are runtime data: never folded into the factors.
 Everything a forward reads is one immutable ``BankState``, swapped in by a single assignment, so
 a forward racing a load in another thread sees either the old state or the new one, never half of
 each. Writes go only to slots that no running request routes to (free ones, or the slot of an
-adapter being evicted or replaced), so writing a slot in place is invisible to running forwards. ``stage`` builds whatever new storage a load needs without
-touching the current state, and ``commit`` swaps it in; a load that fails half-way through the
+adapter being evicted or replaced), so writing a slot in place is invisible to running forwards.
+``stage`` builds whatever new storage a load needs without touching the current state, and
+``commit`` swaps it in; a load that fails half-way through the
 modules leaves every bank as it was. Every write, moving the bank with its module included, happens
 under the wrapper's lock; forwards only read.
 
@@ -153,8 +154,9 @@ class AdapterBank:
         need_slots = max(self.keep[0], 1, max(others, default=-1) + 1, -1 if slot is None else slot + 1)
         need_rank = max(self.keep[1], 1, max(others.values(), default=0), lora.rank if lora is not None else 0)
         grow_slots = need_slots > have_slots
-        # a tenth more at a time: at most 10% of the slots stand empty, for a copy of the bank every ~10% of growth
-        slots = max(need_slots, have_slots + max(1, have_slots // 10) if self.grow else 0) if grow_slots else have_slots
+        # a tenth more at a time: at most ~10% of the slots stand empty, for one copy per ~10% of growth
+        step = max(1, have_slots // 10) if self.grow else 0
+        slots = max(need_slots, have_slots + step) if grow_slots else have_slots
         rank = max(need_rank, have_rank)
         copied = (slots, rank) != (have_slots, have_rank)
         if not self.fixed and (copied or 2 * need_slots * need_rank <= have_slots * have_rank):

@@ -14,8 +14,9 @@ The plan is token-level. A row SPEC makes one run per batch row; a layer that se
 flattened tokens gives each row ``T / B`` of them, which holds for ``(B, L, K)`` activations, for
 models that flatten them (OPT) and for ``lm_head`` on the last position. Inside ``lm.generate``, a
 batch that it expanded (``num_return_sequences``, beams) repeats each row's SPEC in place, as
-``generate`` repeats the rows; elsewhere a SPEC list has one entry per row, or one for all rows. A ``Packed`` SPEC gives the runs explicitly; a layer sees either all its tokens or one
-token per run (``lm_head`` on each sequence's last token).
+``generate`` repeats the rows; elsewhere a SPEC list has one entry per row, or one for all rows.
+A ``Packed`` SPEC gives the runs explicitly; a layer sees either all its tokens or one token per
+run (``lm_head`` on each sequence's last token).
 
 Per-forward state travels one way: one ``ContextVar`` per wrapper holds a ``Scope``, the request in
 force (set by ``use()``) and, inside a forward, that forward's layout; scopes nest through
