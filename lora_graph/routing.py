@@ -381,7 +381,8 @@ class Router:
     def expanding(self, factors: tuple[int, ...]):
         """Inside the block (a ``generate`` call), a SPEC list with one entry per input row also
         routes a batch that generate expanded by one of ``factors``."""
-        request = self.request()
+        scope = self._scope.get()
+        request = self.default if scope is None else scope.request  # a use() block's, or set_adapter's
         if request is None or request.broadcast or request.lengths is not None:
             yield
             return

@@ -297,10 +297,11 @@ class LoraGraph(Compat, Bulk):
     def generate(self, *args, adapters=_UNSET, adapter_names=None, **kwargs):
         """``model.generate(...)`` routed with ``adapters``; expanded rows (beams,
         ``num_return_sequences``) keep their row's adapters."""
+        expanding = self.router.expanding(patch.generate_expansion(self.model, kwargs))
         if adapters is _UNSET and adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names), \
-                self.router.expanding(patch.generate_expansion(self.model, kwargs)):
+            with expanding:
+                return self.model.generate(*args, **kwargs)
+        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names), expanding:
             return self.model.generate(*args, **kwargs)
 
     @torch.compiler.disable

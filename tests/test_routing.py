@@ -312,6 +312,21 @@ def test_generate_num_return_sequences_expands_rows(two):
 
 
 @torch.no_grad()
+def test_generate_expands_the_default_spec_too(two):
+    lm, oracle, _, _ = two
+    ids = _ids(2, length=5, seed=8)
+    kwargs = dict(max_new_tokens=4, num_return_sequences=2, do_sample=True, pad_token_id=0)
+    torch.manual_seed(0)
+    want = lm.generate(input_ids=ids, adapters=["a", None], **kwargs)
+    lm.set_adapter(["a", None])
+    try:
+        torch.manual_seed(0)
+        assert torch.equal(lm.generate(input_ids=ids, **kwargs), want)
+    finally:
+        lm.set_adapter(None)
+
+
+@torch.no_grad()
 def test_flattened_layer_routes_by_token(tmp_path):
     """OPT flattens (B, L, D) to (B*L, D) before fc1/fc2; each token must keep its row's adapters."""
     model = tiny_model("opt")
