@@ -11,15 +11,23 @@ Scale and rank are runtime data: never folded into the factors.
 
 Everything a forward reads is one immutable ``BankState``, swapped in by a single assignment, so
 a forward racing a load in another thread sees either the old state or the new one, never half of
-each. Writes go only to free slots (no running request routes to them), so writing a slot in place
-is invisible to running forwards. ``stage`` builds whatever new storage a load needs without
-touching the current state, and ``commit`` swaps it in; a load that fails half-way through the
+each. Writes go only to slots that no running request routes to (free ones, or the slot of an
+adapter being evicted or replaced), so writing a slot in place is invisible to running forwards.
+``stage`` builds whatever new storage a load needs without touching the current state, and
+``commit`` swaps it in; a load that fails half-way through the
 modules leaves every bank as it was. Every write, moving the bank with its module included, happens
 under the wrapper's lock; forwards only read.
 
 The storage and the tables are written in place while the bank does not grow, so their
 addresses stay fixed: a compiled model takes them as graph inputs (``factors``), and CUDA graphs
 read them in place.
+
+**Memory shrinks back.** The storage follows what the present slots need: it grows to the largest
+rank placed, and once more than half of it is unused (that rank unloaded, free slots at the end) a
+load or a free copies what is present into storage of the needed size (``_fit``), published as a
+new state like any other. A bias or DoRA table no slot uses goes away the same way. A bank whose
+slots and rank were both declared (``max_loaded`` and ``max_rank``) keeps its preallocated
+storage at fixed addresses and only grows (a bias or DoRA table appears).
 """
 
 from __future__ import annotations
@@ -65,14 +73,19 @@ class _Staged:
 
 class AdapterBank:
     def __init__(self, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype,
-                 slots: int = 0, rank: int = 0, grow: bool = True, lock: threading.RLock | None = None) -> None:
+                 slots: int = 0, rank: int = 0, grow: bool = True, lock: threading.RLock | None = None,
+                 keep: tuple[int, int] = (0, 0)) -> None:
         """``slots`` and ``rank`` preallocate the stacked buffers; with ``grow`` a load that needs
-        more slots doubles them. ``lock`` is the owner's, held by every write."""
+        more slots adds a tenth. ``keep``: the slots and rank the owner declared (max_loaded,
+        max_rank); the storage never shrinks below them, and never at all when both are declared.
+        ``lock`` is the owner's, held by every write."""
         self.in_features = in_features
         self.out_features = out_features
         self.device = device
         self.dtype = dtype
         self.grow = grow
+        self.keep = keep
+        self.fixed = all(keep)  # fixed addresses: what CUDA graphs and compiled graphs read in place
         self.lock = lock if lock is not None else threading.RLock()
         self._row_views: dict[int, tuple] = {}
         self._publish(BankState(Factors(self._zeros(slots, rank, in_features), self._zeros(slots, out_features, rank),
@@ -125,33 +138,64 @@ class AdapterBank:
             self._publish(BankState(moved, st.scale, st.rank, st.with_bias, st.dora))
 
     def stage(self, slot: int, lora: ModuleLora) -> _Staged:
-        """Storage holding ``lora`` in ``slot``; the current state is not modified."""
-        f = self.state.factors
-        a, b, bias, scale_t, rank_t, mag = f
-        have_slots, have_rank = a.shape[0], a.shape[1]
-        slots = have_slots if slot < have_slots else max(slot + 1, 2 * have_slots if self.grow else 0)
-        rank = max(have_rank, lora.rank)
-        if (slots, rank) != (have_slots, have_rank):
+        """Storage holding ``lora`` in ``slot`` (which may hold an adapter no forward reads: it is
+        written over); the current state is not modified."""
+        return _Staged(slot, lora, self._fit(slot, lora))
+
+    def _fit(self, slot: int | None = None, lora: ModuleLora | None = None) -> Factors:
+        """The storage for the present slots (``slot`` replaced by ``lora``): the current one when
+        it fits, else a copy grown to what is needed (the slots by a tenth), or shrunk to it once more
+        than half of it is unused (an unloaded large rank, free slots at the end), or with the bias
+        or DoRA table dropped when no slot has one. A fixed bank only grows."""
+        st = self.state
+        f = st.factors
+        have_slots, have_rank = f.a.shape[0], f.a.shape[1]
+        others = {s: r for s, r in st.rank.items() if s != slot}
+        need_slots = max(self.keep[0], 1, max(others, default=-1) + 1, -1 if slot is None else slot + 1)
+        need_rank = max(self.keep[1], 1, max(others.values(), default=0), lora.rank if lora is not None else 0)
+        grow_slots = need_slots > have_slots
+        # a tenth more at a time: at most ~10% of the slots stand empty, for one copy per ~10% of growth
+        step = max(1, have_slots // 10) if self.grow else 0
+        slots = max(need_slots, have_slots + step) if grow_slots else have_slots
+        rank = max(need_rank, have_rank)
+        copied = (slots, rank) != (have_slots, have_rank)
+        if not self.fixed and (copied or 2 * need_slots * need_rank <= have_slots * have_rank):
+            slots, rank = (slots if grow_slots else need_slots), need_rank  # copied anyway: fit it
+        with_bias = (lora is not None and lora.bias is not None) or bool(st.with_bias - {slot}) \
+            or (self.fixed and f.bias is not None)
+        with_mag = (lora is not None and lora.mag is not None) or bool(st.dora - {slot}) \
+            or (self.fixed and f.mag is not None)
+        if (slots, rank) == (have_slots, have_rank) and with_bias == (f.bias is not None) \
+                and with_mag == (f.mag is not None):
+            return f
+        return self._copy(f, slots, rank, with_bias, with_mag)
+
+    def _copy(self, f: Factors, slots: int, rank: int, with_bias: bool, with_mag: bool) -> Factors:
+        """New storage of ``slots`` x ``rank`` holding what ``f`` holds in its first slots."""
+        m, r = min(slots, f.a.shape[0]), min(rank, f.a.shape[1])
+        a, b = f.a, f.b
+        if (slots, rank) != tuple(f.a.shape[:2]):
             a = self._zeros(slots, rank, self.in_features)
-            a[:have_slots, :have_rank] = f.a
+            a[:m, :r] = f.a[:m, :r]
             b = self._zeros(slots, self.out_features, rank)
-            b[:have_slots, :, :have_rank] = f.b
-        if slots != have_slots:
+            b[:m, :, :r] = f.b[:m, :, :r]
+        scale_t, rank_t = f.scale, f.rank
+        if slots != f.a.shape[0]:
             scale_t = self._zeros(slots, dtype=torch.float32)
-            scale_t[:have_slots] = f.scale
+            scale_t[:m] = f.scale[:m]
             rank_t = self._zeros(slots, dtype=torch.int32)
-            rank_t[:have_slots] = f.rank
-        if (bias is not None and bias.shape[0] < slots) or (bias is None and lora.bias is not None):
-            new_bias = self._zeros(slots, self.out_features)
-            if bias is not None:
-                new_bias[: bias.shape[0]] = bias
-            bias = new_bias
-        if (mag is not None and mag.shape[0] < slots) or (mag is None and lora.mag is not None):
-            new_mag = self._zeros(slots, self.out_features, dtype=torch.float32).fill_(1.0)  # LoRA slots: g = 1
-            if mag is not None:
-                new_mag[: mag.shape[0]] = mag
-            mag = new_mag
-        return _Staged(slot, lora, Factors(a, b, bias, scale_t, rank_t, mag))
+            rank_t[:m] = f.rank[:m]
+        bias = mag = None
+        if with_bias:
+            bias = f.bias if f.bias is not None and f.bias.shape[0] == slots else self._zeros(slots, self.out_features)
+            if f.bias is not None and bias is not f.bias:
+                bias[:m] = f.bias[:m]
+        if with_mag:
+            mag = f.mag if f.mag is not None and f.mag.shape[0] == slots else \
+                self._zeros(slots, self.out_features, dtype=torch.float32).fill_(1.0)  # LoRA slots: g = 1
+            if f.mag is not None and mag is not f.mag:
+                mag[:m] = f.mag[:m]
+        return Factors(a, b, bias, scale_t, rank_t, mag)
 
     def commit(self, staged: _Staged) -> None:
         """Write the slot (free, so no forward reads it) and swap the new state in."""
@@ -217,3 +261,15 @@ class AdapterBank:
         _set(st.factors.scale, slot, 0.0)  # no running forward routes to a slot being freed
         _set(st.factors.rank, slot, 0)
         self._publish(BankState(st.factors, scale, rank, st.with_bias - {slot}, st.dora - {slot}))
+
+    def compact(self) -> bool:
+        """Shrink the storage to what the present slots need, when more than half of it is unused
+        or a bias or DoRA table is (see ``_fit``). The new storage is a copy published as a new
+        state: a forward still reading the old state keeps the old tensors alive, untouched. True
+        when the storage changed."""
+        st = self.state
+        fitted = self._fit()
+        if fitted is st.factors:
+            return False
+        self._publish(BankState(fitted, st.scale, st.rank, st.with_bias, st.dora))
+        return True

@@ -168,10 +168,17 @@ def make_wrapper(base: nn.Module, bank, router) -> _LoraModule:
     return cls(base, bank, router)
 
 
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def generate_expansion(model: nn.Module, kwargs: dict) -> tuple[int, ...]:
+    """How many rows ``model.generate(**kwargs)`` makes of each input row, as transformers expands
+    them: ``num_beams`` for beam search, else ``num_return_sequences``; () for one."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def knob(name: str) -> int:
+        value = kwargs.get(name, getattr(config, name, None))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+    k = knob("num_beams") if knob("num_beams") > 1 else knob("num_return_sequences")
+    return (k,) if k > 1 else ()
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -261,7 +268,9 @@ class PatchedModules:
     @torch.inference_mode(False)  # a first request inside inference_mode must not make the banks inference tensors
     def place(self, host: HostAdapter, slot: int, stream=None) -> None:
         """Write an adapter's factors into ``slot`` of every module it targets, creating banks and
-        wrapping modules as needed. Everything that can fail happens before the first write."""
+        wrapping modules as needed, and clear ``slot`` in the banks it does not target (the slot may
+        hold an adapter no request reads: a victim, or the one being replaced). Everything that can
+        fail happens before the first write; should a write fail anyway, ``slot`` is cleared everywhere."""
         staged, new_banks, on_device = {}, {}, {}
         for name, lora in host.weights.modules.items():
             bank = self.banks.get(name)
@@ -269,7 +278,7 @@ class PatchedModules:
                 shape = self.shapes[name]
                 bank = new_banks[name] = AdapterBank(
                     shape.in_features, shape.out_features, execution_device(self.originals[name]), self.dtype,
-                    slots=self.slots or slot + 1, rank=self.rank, lock=self.lock,
+                    slots=self.slots or slot + 1, rank=self.rank, lock=self.lock, keep=(self.slots or 0, self.rank),
                 )
             if bank.device not in on_device:  # one transfer per device, not one per tensor
                 on_device[bank.device] = to_device(host, bank.device, stream).modules
@@ -278,14 +287,22 @@ class PatchedModules:
         # commit: nothing below can fail on valid input
         banks = {n: new_banks.get(n) or self.banks[n] for n in staged}
         dst, src = [], []
-        for name, st in staged.items():
-            banks[name].prepare(st, dst, src)
-        torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        try:
+            for name, st in staged.items():
+                banks[name].prepare(st, dst, src)
+            torch._foreach_copy_(dst, src)  # every factor into its slot, in one call
+        except BaseException:
+            self.free(slot, restore=False)
+            raise
         for name, st in staged.items():
             banks[name].publish(st)
+        for name, bank in self.banks.items():
+            if name not in staged and slot in bank.present:
+                bank.remove(slot)
+                bank.compact()
         for name, wrapper in wrappers.items():
             self.banks[name] = new_banks[name]
-            set_module(self.model, name, wrapper)
+            self.model.set_submodule(name, wrapper, strict=True)
         self.router.invalidate(self.bank_sizes())
 
     @torch.inference_mode(False)
@@ -295,15 +312,20 @@ class PatchedModules:
         graph was traced with."""
         for bank in self.banks.values():
             bank.remove(slot)
+            bank.compact()  # a state swap: forwards still reading the old storage keep it
         if restore:
             self.restore_empty()
         self.router.invalidate(self.bank_sizes())
 
     def restore_empty(self) -> None:
         for name in [n for n, bank in self.banks.items() if not bank.present]:
-            set_module(self.model, name, self.originals[name])
+            self.model.set_submodule(name, self.originals[name], strict=True)
             del self.banks[name]
         self.router.invalidate(self.bank_sizes())
+
+    def holds(self, slot: int) -> bool:
+        """Whether some bank holds ``slot``."""
+        return any(slot in bank.present for bank in self.banks.values())
 
     def slot_nbytes(self, slot: int) -> int:
         return sum(bank.slot_nbytes(slot) for bank in self.banks.values())
@@ -318,6 +340,6 @@ class PatchedModules:
     def unpatch(self) -> None:
         """Every original module back; the banks are dropped."""
         for name in self.banks:
-            set_module(self.model, name, self.originals[name])
+            self.model.set_submodule(name, self.originals[name], strict=True)
         self.banks.clear()
         self.router.invalidate(())

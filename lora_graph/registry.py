@@ -44,17 +44,8 @@ class Registry:
             self._host.drop(name)
             if host is not None:
                 self._host.put(name, host)
-            old = self._slots.remove(name)  # replaced: the next request pages the new weights in
-            if old is not None:
-                self._resident.release(old, restore=False)  # running requests finish with the old
+            self._resident.drop(name)  # new weights: running requests keep the old copy, new ones page these in
         return info
-
-    def register_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Register many adapters, with a progress bar in a notebook or on a terminal."""
-        from .wrapper import progress_bar
-
-        for name, path in progress_bar(paths.items(), "registering adapters", self.progress):
-            self.register_adapter(name, path, allow_pickle=allow_pickle)
 
     def load_adapter(self, name: str, path: str | os.PathLike | None = None, allow_pickle: bool = False,
                      replace: bool = False, state_dict=None, config=None, revision: str | None = None,
@@ -77,23 +68,13 @@ class Registry:
         with self._lock:
             self._check_name(name, replace)
             check_unchanged(host.weights)  # its files may have been rewritten while this waited for the lock
-            old = self._slots.get(name)
-            slot = self._resident.place(host, protect={name}, avoid={old} if old is not None else ())
-            if old is not None:
-                self._resident.release(old, restore=False)
+            slot = self._resident.replace(name, host)  # its own slot when no running request reads it
             self._infos[name] = AdapterInfo.of(name, source.path, source.settings, host.weights, self.adapter_dtype)
             self._sources[name] = source
             self._host.put(name, host)
             self._slots.assign(name, slot)
         logger.info("loaded adapter %r from %s into slot %d", name, source.label or source.path, slot)
         return self._infos[name]
-
-    def load_adapters(self, paths: dict[str, str | os.PathLike], allow_pickle: bool = False) -> None:
-        """Load many adapters, with a progress bar in a notebook or on a terminal."""
-        from .wrapper import progress_bar
-
-        for name, path in progress_bar(paths.items(), "loading adapters", self.progress):
-            self.load_adapter(name, path, allow_pickle=allow_pickle)
 
     def _make_resident(self, name: str) -> AdapterInfo:
         with self._lock:
@@ -102,7 +83,7 @@ class Registry:
             return self._infos[name]
 
     def _open(self, name, path, replace: bool | None, state_dict, config, revision, allow_pickle,
-              strict: bool) -> Source:
+              strict: bool = True) -> Source:
         """Check a name (and, unless ``replace`` is None, that it is free) and open the source,
         its config validated: what registering and loading share."""
         self._check_name(name, True if replace is None else replace)

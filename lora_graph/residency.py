@@ -1,8 +1,9 @@
 """Residency: the host cache, the slot table and the banks, moved together.
 
     read (adapters.py) ──> HostAdapter (one coalesced, pinned buffer) ──host cache (store.py)
-    page_in(names): room checked, then per missing adapter: slot table allocates (evicting the
-    policy's victim) ──> PatchedModules.place writes the factors into that slot of every bank
+    page_in(names): room checked, then per missing adapter: slot table allocates (a free slot, or the
+    policy's victim's) ──> PatchedModules.place writes the factors into that slot of every bank,
+    and only then does the victim leave the slot table
 
 The wrapper (wrapper.py) owns the registry and the lock and calls these with the lock held. All
 missing weights are read, and room for them is checked, before anything is evicted: a path that
@@ -46,6 +47,10 @@ class Residency:
             too_big = [(n, m.rank) for n, m in weights.modules.items() if m.rank > self.max_rank]
             if too_big:
                 raise ValueError(f"{weights.path}: module {too_big[0][0]!r} has rank {too_big[0][1]} > max_rank={self.max_rank}")
+        for module, lora in weights.modules.items():  # refused here, before anything is evicted
+            for t in (lora.a, lora.b, lora.bias, lora.mag):
+                if t is not None and t.layout != torch.strided:
+                    raise ValueError(f"{weights.path}: module {module!r} holds a {t.layout} tensor; save dense tensors")
         if not self.coalesce:
             return HostAdapter(weights, None)
         return coalesce(weights, self.dtype, pin=self.stream is not None)
@@ -57,7 +62,7 @@ class Residency:
         with its own error, under the lock."""
         try:
             names = resolve_spec(spec, infos).names
-        except (ValueError, TypeError):
+        except Exception:  # noqa: BLE001 - a bad SPEC, or the registry changing meanwhile: checked again under the lock
             return {}
         ahead = {}
         for name in names:
@@ -105,13 +110,50 @@ class Residency:
                 fetch(name)
 
     def place(self, host: HostAdapter, protect: set[str], avoid=()) -> int:
-        """Put an adapter into a free slot (evicting if needed) and return the slot."""
-        slot, evicted = self.slots.allocate(protect, avoid)
-        if evicted is not None:
-            self.patched.free(slot, restore=False)
-            logger.debug("evicted adapter %r from slot %d", *evicted)
-        self.patched.place(host, slot, self.stream)
+        """Put an adapter into a free slot, or over the policy's victim, and return the slot. The
+        victim loses its slot only once the new factors are in: a write that fails before it
+        starts (staging, a transfer) evicts nothing."""
+        slot, victim = self.slots.allocate(protect, avoid)
+        try:
+            self.patched.place(host, slot, self.stream)
+        except BaseException:
+            if victim is not None and not self.patched.holds(slot):  # failed mid-commit: the slot was cleared
+                self.slots.remove(victim)
+            raise
+        if victim is not None:
+            self.slots.remove(victim)
+            logger.debug("evicted adapter %r from slot %d", victim, slot)
         return slot
+
+    def replace(self, name: str, host: HostAdapter) -> int:
+        """The slot that now holds ``host`` for ``name``: its own slot, written over, when no
+        running request reads it; otherwise another one, and the old slot is freed when its last
+        request ends (they finish with the old weights)."""
+        old = self.slots.get(name)
+        if old is None or self.slots.held(old):
+            slot = self.place(host, protect={name}, avoid={old} if old is not None else ())
+            if old is not None:
+                self.release(old, restore=False)
+            return slot
+        try:
+            self.patched.place(host, old, self.stream)
+        except BaseException:
+            if not self.patched.holds(old):
+                self.slots.remove(name)
+            raise
+        return old
+
+    def drop(self, name: str) -> None:
+        """``name``'s files changed: forget its resident copy (freed now, or when the requests
+        holding it end) so that the next request pages the new files in. A pin stays."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return
+        pinned = name in self.slots.pinned
+        self.slots.remove(name)
+        if pinned:
+            self.slots.pinned.add(name)
+        self.release(slot, restore=False)
 
     def release(self, slot: int, restore: bool) -> None:
         """Free ``slot`` now, or when the last request holding it ends."""

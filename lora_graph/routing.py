@@ -12,10 +12,11 @@ spelled differently.
 
 The plan is token-level. A row SPEC makes one run per batch row; a layer that sees ``T``
 flattened tokens gives each row ``T / B`` of them, which holds for ``(B, L, K)`` activations, for
-models that flatten them (OPT) and for ``lm_head`` on the last position. A batch that ``generate``
-expanded (``num_return_sequences``, beams) repeats each row's SPEC in place, as ``generate`` repeats
-the rows. A ``Packed`` SPEC gives the runs explicitly; a layer sees either all its tokens or one
-token per run (``lm_head`` on each sequence's last token).
+models that flatten them (OPT) and for ``lm_head`` on the last position. Inside ``lm.generate``, a
+batch that it expanded (``num_return_sequences``, beams) repeats each row's SPEC in place, as
+``generate`` repeats the rows; elsewhere a SPEC list has one entry per row, or one for all rows.
+A ``Packed`` SPEC gives the runs explicitly; a layer sees either all its tokens or one token per
+run (``lm_head`` on each sequence's last token).
 
 Per-forward state travels one way: one ``ContextVar`` per wrapper holds a ``Scope``, the request in
 force (set by ``use()``) and, inside a forward, that forward's layout; scopes nest through
@@ -28,7 +29,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import contextvars
+import dataclasses
 import itertools
 import math
 import numbers
@@ -99,6 +102,9 @@ class Packed:
         return tuple(counts)
 
 
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
 def _weighted_set(item, known, where: str) -> WeightedSet:
     if item is None or (isinstance(item, str) and item == BASE_NAME):
         return ()
@@ -117,14 +123,15 @@ def _weighted_set(item, known, where: str) -> WeightedSet:
             ):
                 raise TypeError(f"weight of adapter {name!r} must be a real number, got {weight!r}")
             weight = float(weight)
-            if not math.isfinite(weight):
-                raise ValueError(f"weight of adapter {name!r} must be finite, got {weight}")
+            if not math.isfinite(weight) or abs(weight) > _FP32_MAX:  # the lanes carry fp32 weights
+                raise ValueError(f"weight of adapter {name!r} must be a finite fp32 number, got {weight}")
             _check_name(name, known, where)
             if weight != 0.0:
                 weights[name] = weight
         return tuple(sorted(weights.items()))
+    hint = " (decode it: adapter names are str)" if isinstance(item, (bytes, bytearray)) else ""
     raise TypeError(
-        f"{where}: expected None, an adapter name or a {{name: weight}} mapping, got {type(item).__name__}"
+        f"{where}: expected None, an adapter name or a {{name: weight}} mapping, got {type(item).__name__}{hint}"
     )
 
 
@@ -144,6 +151,7 @@ class Spec:
     lengths: tuple[int, ...] | None = None
     order: tuple = ()  # slotted: the slots in adapter-name order, so sums never depend on slot numbers
     kept: tuple[int, ...] | None = None  # Packed: each run's tokens that reach lm_head
+    expand: tuple[int, ...] = ()  # inside generate(): how many rows it makes of each input row
 
     @property
     def names(self) -> frozenset[str]:
@@ -155,7 +163,7 @@ class Spec:
         adapters were paged into."""
         order = tuple(slots[n] for n in sorted(self.names))
         sets = tuple(tuple((slots[n], w) for n, w in lanes) for lanes in self.sets)
-        return Spec(sets, self.broadcast, self.lengths, order, self.kept)
+        return Spec(sets, self.broadcast, self.lengths, order, self.kept, self.expand)
 
     def plan(self, rows: int, num_tokens: int | None) -> RoutingPlan | None:
         """This request's plan for a forward of ``rows`` batch rows and ``num_tokens`` tokens."""
@@ -169,6 +177,8 @@ def resolve_spec(spec, known) -> Spec:
     if isinstance(spec, Packed):
         sets = tuple(_weighted_set(item, known, f"Packed run {i}") for i, item in enumerate(spec.adapters))
         return Spec(sets, lengths=spec.lengths, kept=spec.kept_per_run())
+    if isinstance(spec, (bytes, bytearray)):
+        raise TypeError(f"an adapter SPEC cannot be {type(spec).__name__} ({spec!r}); adapter names are str")
     if isinstance(spec, Sequence) and not isinstance(spec, str):
         if len(spec) == 0:
             raise ValueError("an adapter SPEC list must have one entry per batch row, got an empty list")
@@ -202,17 +212,18 @@ class RoutingPlan:
     def from_rows(cls, spec: Spec, rows: int) -> RoutingPlan | None:
         """One run per batch row (broadcast, or repeated in place for ``generate``'s
         expansion); None when no row uses an adapter."""
-        if spec.broadcast:
+        if spec.broadcast or len(spec.sets) == 1:
             sets = spec.sets * rows
         elif rows == len(spec.sets):
             sets = spec.sets
-        elif rows % len(spec.sets) == 0:
+        elif rows in {len(spec.sets) * k for k in spec.expand}:
             # generate() expands rows in place (repeat_interleave) for num_return_sequences and beams.
             k = rows // len(spec.sets)
             sets = tuple(s for s in spec.sets for _ in range(k))
         else:
+            within = f" (generate() makes {spec.expand[0]} of each input row)" if spec.expand else ""
             raise ValueError(
-                f"the adapter SPEC list has {len(spec.sets)} entries but the batch has {rows} rows; "
+                f"the adapter SPEC list has {len(spec.sets)} entries but the batch has {rows} rows{within}; "
                 "give one entry per row, or a single SPEC for all rows"
             )
         return cls(sets, None, spec.order) if any(sets) else None
@@ -365,6 +376,21 @@ class Router:
     def request(self) -> Spec | None:
         scope = self._scope.get()
         return None if scope is None else scope.request
+
+    @contextlib.contextmanager
+    def expanding(self, factors: tuple[int, ...]):
+        """Inside the block (a ``generate`` call), a SPEC list with one entry per input row also
+        routes a batch that generate expanded by one of ``factors``."""
+        scope = self._scope.get()
+        request = self.default if scope is None else scope.request  # a use() block's, or set_adapter's
+        if request is None or request.broadcast or request.lengths is not None:
+            yield
+            return
+        scope = self.enter(dataclasses.replace(request, expand=factors))
+        try:
+            yield
+        finally:
+            self.leave(scope)
 
     # -- forwards (the top-level hooks) -----------------------------------------------------------
     def begin_forward(self, rows: int | None, positions: int | None) -> None:

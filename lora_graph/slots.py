@@ -76,9 +76,10 @@ class SlotTable:
             if name in self._slots:
                 self._slots.move_to_end(name)
 
-    def allocate(self, protect: Iterable[str] = (), avoid: Iterable[int] = ()) -> tuple[int, tuple[str, int] | None]:
-        """A free slot, evicting the policy's victim when none is free: ``(slot, (evicted name,
-        slot) or None)``. The evicted adapter is no longer resident; its slot is the one returned."""
+    def allocate(self, protect: Iterable[str] = (), avoid: Iterable[int] = ()) -> tuple[int, str | None]:
+        """A free slot, or the slot of the policy's victim when none is free: ``(slot, victim or
+        None)``. The victim stays resident until the caller has written the slot and calls
+        :meth:`remove`, so a write that fails costs no resident adapter."""
         occupied = self.occupied() | set(avoid)
         if self.capacity is None:
             return min(set(range(len(occupied) + 1)) - occupied), None
@@ -91,8 +92,11 @@ class SlotTable:
                 f"all {self.capacity} adapter slots are pinned or held by running requests; "
                 "unpin an adapter, wait for requests to finish, or wrap with a larger max_loaded"
             )
-        slot = self._slots.pop(victim)
-        return slot, (victim, slot)
+        return self._slots[victim], victim
+
+    def held(self, slot: int) -> bool:
+        """Whether a running request reads ``slot``."""
+        return self._holds[slot] > 0
 
     def assign(self, name: str, slot: int) -> None:
         """``name`` is now resident in ``slot``, most recently used."""

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from . import notebook, patch
 from .backends import resolve_backend
+from .bulk import Bulk
 from .compat import Compat
 from .registry import Registry
 from .residency import Residency
@@ -96,7 +97,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Registry, Compat):
+class LoraGraph(Registry, Bulk, Compat):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
@@ -256,9 +257,11 @@ class LoraGraph(Registry, Compat):
     def generate(self, *args, adapters=_UNSET, adapter_names=None, **kwargs):
         """``model.generate(...)`` routed with ``adapters``; expanded rows (beams,
         ``num_return_sequences``) keep their row's adapters."""
+        expanding = self.router.expanding(patch.generate_expansion(self.model, kwargs))
         if adapters is _UNSET and adapter_names is None:
-            return self.model.generate(*args, **kwargs)
-        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names):
+            with expanding:
+                return self.model.generate(*args, **kwargs)
+        with self.use(None if adapters is _UNSET else adapters, adapter_names=adapter_names), expanding:
             return self.model.generate(*args, **kwargs)
 
     @torch.compiler.disable
@@ -277,6 +280,8 @@ class LoraGraph(Registry, Compat):
             raise ValueError(f"adapter {name!r} is already registered; unload_adapter({name!r}) first")
 
     def _require(self, name: str) -> None:
+        if not isinstance(name, str):  # a list would fail as "unhashable"
+            raise TypeError(f"expected one adapter name (a str), got {name!r}; delete_adapter takes a list")
         if name not in self._infos:
             raise ValueError(f"unknown adapter {name!r} (registered: {', '.join(sorted(self._infos)) or 'none'})")
 

@@ -9,6 +9,7 @@ before fc1/fc2, and ``num_return_sequences`` expands the batch).
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 import numpy as np
@@ -74,8 +75,14 @@ def test_broadcast_and_per_row_expansion():
     assert expand(broadcast, 3) == ((("a", 0.5),),) * 3
     rows = resolve_spec(["a", None, "b"], KNOWN)
     assert expand(rows, 3) == ((("a", 1.0),), (), (("b", 1.0),))
-    # generate() expands rows in place (beams, num_return_sequences): each row's SPEC follows it
-    assert expand(rows, 6) == ((("a", 1.0),), (("a", 1.0),), (), (), (("b", 1.0),), (("b", 1.0),))
+    # inside generate(), which expands rows in place (beams, num_return_sequences), each row's SPEC
+    # follows it; elsewhere a shorter list is refused, never stretched
+    generated = dataclasses.replace(rows, expand=(2,))
+    assert expand(generated, 6) == ((("a", 1.0),), (("a", 1.0),), (), (), (("b", 1.0),), (("b", 1.0),))
+    with pytest.raises(ValueError, match=r"\b3\b.*\b6\b"):
+        expand(rows, 6)
+    with pytest.raises(ValueError, match=r"\b3\b.*\b9\b.*generate\(\) makes 2"):
+        expand(generated, 9)
     single = resolve_spec(["c"], KNOWN)
     assert expand(single, 4) == ((("c", 1.0),),) * 4
     for batch in (2, 4, 5):
@@ -216,11 +223,38 @@ def test_broadcast_matches_peft(two):
 
 
 @torch.no_grad()
-def test_batch_a_multiple_of_the_spec_repeats_rows_in_place(two):
-    lm, oracle, _, _ = two
+def test_a_spec_list_shorter_than_the_batch_is_refused(two):
+    lm, _, _, _ = two
     ids = _ids(4, seed=3)
-    expected = oracle(input_ids=ids, adapter_names=["a", "a", "__base__", "__base__"]).logits
-    torch.testing.assert_close(lm(input_ids=ids, adapters=["a", None]).logits, expected, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match=r"2 entries but the batch has 4 rows"):
+        lm(input_ids=ids, adapters=["a", None])
+    with lm.use(["a", None]), pytest.raises(ValueError, match=r"2 entries but the batch has 4 rows"):
+        lm.model.generate(input_ids=ids[:2], max_new_tokens=2, num_return_sequences=2, do_sample=True,
+                          pad_token_id=0)  # generate's expansion is known to lm.generate only
+    with pytest.raises(ValueError, match=r"2 entries but the batch has 9 rows.*generate\(\) makes 3"):
+        lm.generate(input_ids=ids[:3], adapters=["a", None], max_new_tokens=2, num_return_sequences=3,
+                    do_sample=True, pad_token_id=0)
+    # one entry for all rows is a broadcast, as a bare SPEC is
+    assert torch.equal(lm(input_ids=ids, adapters=["a"]).logits, lm(input_ids=ids, adapters="a").logits)
+
+
+@pytest.mark.parametrize("spec, error, words", [
+    ({"a": 1e39}, ValueError, r"weight of adapter 'a'.*1e\+39"),
+    ({"a": -3.5e38}, ValueError, r"weight of adapter 'a'"),
+    (b"a", TypeError, r"bytes.*str"),
+    ([b"a"], TypeError, r"row 0.*bytes.*str"),
+])
+def test_bad_specs_are_named(two, spec, error, words):
+    lm, _, _, _ = two
+    with pytest.raises(error, match=words):
+        lm(input_ids=_ids(1), adapters=spec)
+
+
+def test_unload_takes_one_name(two):
+    lm, _, _, _ = two
+    with pytest.raises(TypeError, match=r"one adapter name.*\['a'\].*delete_adapter"):
+        lm.unload_adapter(["a"])
+    assert "a" in lm.adapters
 
 
 @torch.no_grad()
@@ -275,6 +309,21 @@ def test_generate_num_return_sequences_expands_rows(two):
     assert torch.equal(got[:2], expected_base)
     assert torch.equal(got[2:], expected_b)
     assert not torch.equal(expected_b, lm.generate(input_ids=ids[1:], **kwargs))  # the adapter changes tokens
+
+
+@torch.no_grad()
+def test_generate_expands_the_default_spec_too(two):
+    lm, oracle, _, _ = two
+    ids = _ids(2, length=5, seed=8)
+    kwargs = dict(max_new_tokens=4, num_return_sequences=2, do_sample=True, pad_token_id=0)
+    torch.manual_seed(0)
+    want = lm.generate(input_ids=ids, adapters=["a", None], **kwargs)
+    lm.set_adapter(["a", None])
+    try:
+        torch.manual_seed(0)
+        assert torch.equal(lm.generate(input_ids=ids, **kwargs), want)
+    finally:
+        lm.set_adapter(None)
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@
 Per layer the grid gives, whatever the number of distinct adapters D, one gather of ``x`` into
 ``(D, M, K)``, a ``bmm`` through A, a ``bmm`` through B and one scatter back: the op count does not
 grow with D, and each token multiplies only by its own adapters' factors. Padding lanes carry weight
-0. Cost follows the padded rank (the largest among the used slots); kernels/ bounds each slot's loop
-by its real rank instead.
+0 and point at a token of their own slot, so an adapter whose values overflow reaches only the rows
+that use it. Cost follows the padded rank (the largest among the used slots); kernels/ bounds each
+slot's loop by its real rank instead.
 
 The specification is kernels/reference.py (plain loops over the bank and the kernels' lanes); the
 tests hold this path to it. What makes this path fast on a CPU, where every torch call between two
@@ -61,7 +62,7 @@ class Grid:
     """The lanes of one forward for one set of slots, grouped by slot and padded to ``(D, M)``."""
 
     slots: tuple[int, ...]  # (D,) distinct slots, in lane-group order
-    token: torch.Tensor  # (D*M,) int64, the token of each lane; padding lanes point at token 0
+    token: torch.Tensor  # (D*M,) int64, the token of each lane; padding lanes repeat a token of their slot
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
     uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
@@ -99,7 +100,9 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
     per_slot = torch.zeros(len(slots), dtype=torch.int64).index_add_(0, grp, count)  # (D,)
     width = int(per_slot.max())
     pos = torch.arange(total) - (per_slot.cumsum(0) - per_slot)[grp[of]]  # (total,) place in the slot's row
-    token = torch.zeros(len(slots), width, dtype=torch.int64)  # (D, M)
+    # padding lanes repeat their slot's first token (weight 0): a lane's product with weight 0 is
+    # still NaN when the adapter's is not finite, so it must only land on a token that uses it
+    token = tok[per_slot.cumsum(0) - per_slot].unsqueeze(1).repeat(1, width)  # (D, M)
     weight = torch.zeros(len(slots), width, dtype=torch.float32)  # (D, M)
     token[grp[of], pos] = tok
     weight[grp[of], pos] = lane_w[of]
