@@ -44,6 +44,7 @@ from . import notebook, patch
 from .adapters import read_config
 from .backends import resolve_backend
 from .compat import Compat
+from .export import Export
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
 from .slots import SlotTable
@@ -97,7 +98,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Compat):
+class LoraGraph(Compat, Export):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
