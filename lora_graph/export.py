@@ -374,6 +374,14 @@ def _stacked_adapter(lm, weighted, hosts) -> tuple[dict[str, torch.Tensor], dict
         tensors.update(_stacked_module(_PREFIX + module_name, original, found))
         ranks[module_name] = sum(lora.rank for _, lora in found)
     lora_bias = any(k.endswith(".lora_B.bias") for k in tensors)
+    embeddings = [m for m in ranks if isinstance(lm._patched.originals[m], nn.Embedding)]
+    if lora_bias and embeddings:
+        with_bias = next(n for n, _ in weighted if any(m.bias is not None for m in hosts[n].values()))
+        raise ValueError(
+            f"save_adapter: adapter {with_bias!r} has lora_B biases and the set has embedding LoRA on module "
+            f"{embeddings[0]!r}; PEFT's lora_bias is one switch for all modules and is not allowed on embeddings, "
+            "so no single PEFT adapter holds both. Save them apart, or use save_merged"
+        )
     use_dora = any(k.endswith(".lora_magnitude_vector") for k in tensors)
     return tensors, _adapter_config(lm, ranks, lora_bias, conv1d, use_dora)
 
