@@ -348,3 +348,29 @@ def test_a_failed_write_removes_the_partial_directory(dirs, tmp_path, monkeypatc
     with pytest.raises(OSError, match="No space"):
         lm.save_merged(tmp_path / "deep" / "out", adapters="a")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_factors_from_the_host_cache(dirs, tmp_path, monkeypatch):
+    """A model off the CPU keeps adapters in a host cache (one coalesced buffer each); the export
+    reads them from there. That tier is switched on here on a CPU model, as it is on a GPU."""
+    found = dirs("gpt2")
+    lm = lora_graph.wrap(tiny_model("gpt2"), max_loaded=3)
+    lm._resident.coalesce, lm._host.capacity = True, 8
+    for name in ("a", "d", "e"):
+        lm.load_adapter(name, found[name])
+    spec = {"a": 0.5, "d": -0.7, "e": 1.2}
+    ids = token_ids(2, 6, seed=8)
+    want = logits(lm, ids, adapters=spec)
+    assert lm.evict("a") and lm.evict("d")
+    assert lm.resident == ("e",) and all(n in lm._host for n in ("a", "d", "e"))
+
+    def no_read(*args):
+        raise AssertionError("the export read the files although the host cache holds the adapter")
+
+    monkeypatch.setattr(lm._resident, "read", no_read)
+    out = lm.save_merged(tmp_path / "m", adapters=spec)
+    assert lm.resident == ("e",)
+    torch.testing.assert_close(logits(reload(out), ids), want, atol=ATOL, rtol=0)
+    single = lm.save_adapter(tmp_path / "x", adapters="d")
+    peft_model = PeftModel.from_pretrained(tiny_model("gpt2"), single).eval()
+    torch.testing.assert_close(logits(peft_model, ids), logits(lm, ids, adapters="d"), atol=ATOL, rtol=0)
