@@ -64,7 +64,8 @@ def save_dora(model, path: str, seed: int, **lora_kwargs) -> str:
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """Per arch: make_adapters' a (patterns, + lm_head on qwen2), b (rsLoRA) and c (lora_B bias),
-    e (embedding LoRA) and d (DoRA on attention and MLP, rank and alpha patterns)."""
+    e (embedding LoRA), d (DoRA on attention and MLP, rank and alpha patterns) and, on GPT-2, h
+    (lm_head LoRA, where lm_head is tied to the embedding)."""
     cache = {}
 
     def get(arch):
@@ -76,6 +77,9 @@ def dirs(tmp_path_factory):
             attn, mlp = targets(arch, "attn"), targets(arch, "mlp")
             found["d"] = save_dora(model, adapter_dir(root, "d"), seed=15, r=4, lora_alpha=6, target_modules=attn + mlp,
                                    rank_pattern={mlp[0]: 2}, alpha_pattern={attn[0]: 3})
+            if arch == "gpt2":  # lm_head, tied to wte
+                found["h"] = save_adapter(model, adapter_dir(root, "h"), seed=17, r=2, lora_alpha=3,
+                                          target_modules=["lm_head"])
             cache[arch] = found
         return cache[arch]
 
@@ -112,7 +116,8 @@ def assert_state_close(got: torch.nn.Module, want: torch.nn.Module, atol: float 
 SPECS = {
     "llama": ["a", {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": 0.6, "b": -0.4, "e": 1.0}],
     "qwen2": ["a", {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": -0.5, "a": 1.2}],
-    "gpt2": ["e", {"a": 1.0, "b": 0.5, "c": -0.8}, {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": 0.6, "c": 1.0}],
+    "gpt2": ["e", {"a": 1.0, "b": 0.5, "c": -0.8}, {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": 0.6, "c": 1.0},
+             {"h": -0.8, "a": 0.5}],
 }
 
 
@@ -132,9 +137,9 @@ def test_save_merged_reloads_to_the_blend(arch, dirs, tmp_path):
         weights = {spec: 1.0} if isinstance(spec, str) else spec
         if not any(n == "d" for n in weights):  # LoRA only: the fp64 merge from the files
             assert_state_close(merged, merged_copy(tiny_model(arch), found, weights))
-        touches_embedding = "e" in weights
         config = json.loads((out / "config.json").read_text())
-        assert config["tie_word_embeddings"] is (arch == "gpt2" and not touches_embedding), config
+        untied = "e" in weights or "h" in weights  # one side of GPT-2's tie changed
+        assert config["tie_word_embeddings"] is (arch == "gpt2" and not untied), config
         assert "quantization_config" not in config and config["dtype"] == "float32"
         assert (out / "generation_config.json").is_file()
         assert torch.equal(logits(lm, ids, adapters=spec), want)
