@@ -323,7 +323,8 @@ def test_errors_write_nothing_and_leave_the_wrapper_as_it_was(dirs, tmp_path):
         ("save_adapter", {"a": 0.0}, tmp_path / "o8", r"names no adapter"),
         ("save_merged", {"a": 1.0, "c": 0.5}, tmp_path / "o9", r"adapter 'c' has a lora_B bias on module "
                                                                r"'model\.layers\.0\.mlp\.\w+_proj', which has no bias"),
-        ("save_adapter", {"c": 1.0, "e": 0.5}, tmp_path / "new" / "o10", r"adapter 'c' has lora_B biases.*'model\.embed_tokens'"),
+        ("save_adapter", {"c": 1.0, "e": 0.5}, tmp_path / "new" / "o10",
+         r"adapter 'c' has lora_B biases.*'model\.embed_tokens'"),
     ]
     listing = sorted(p.name for p in tmp_path.iterdir())
     for method, spec, out, message in cases:
