@@ -82,11 +82,13 @@ class Export:
         weighted = self._export_set(adapters, "save_merged")
         dtype = _check_dtype(dtype, self.model)
         hosts = self._export_factors(weighted)
+        config = _plain_config(self.model, dtype)
         entries, untie = _merged_entries(self, weighted, hosts, dtype)
+        _match_layout(entries, self.model, config)
         split = _split(entries, max_shard_size)
         with _staging(out_dir) as tmp:
             _write_shards(tmp, entries, split)
-            _write_config(tmp, self.model, dtype, untie)
+            _write_config(tmp, self.model, config, untie)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         logger.info("wrote the merged checkpoint of %s to %s", dict(weighted) or "the base", out_dir)
@@ -342,9 +344,8 @@ def _write_shards(folder: Path, entries: dict[str, _Entry], split) -> None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_config(folder: Path, model: nn.Module, dtype: torch.dtype, untie: bool) -> None:
-    """The model's config without its quantization, in ``dtype``, untied if a tie was broken; and
-    its generation config."""
+def _plain_config(model: nn.Module, dtype: torch.dtype):
+    """A copy of the model's config without its quantization, in ``dtype``."""
     import copy
 
     config = copy.deepcopy(model.config)
@@ -353,6 +354,29 @@ def _write_config(folder: Path, model: nn.Module, dtype: torch.dtype, untie: boo
             delattr(config, key)
     config.architectures = [type(model).__name__]
     config.dtype = str(dtype).removeprefix("torch.")
+    return config
+
+
+def _match_layout(entries: dict[str, _Entry], model: nn.Module, config) -> None:
+    """Lay dequantized weights out as the architecture stores them. bitsandbytes replaces a GPT-2
+    ``Conv1D`` (weight ``(in, out)``) by a Linear (``(out, in)``), so its weight is transposed back
+    where the model class, built from the config on the meta device, has a Conv1D (by type: a
+    square weight's shape cannot tell)."""
+    quantized = [k for k, e in entries.items() if type(e.source).__name__ in _QUANTIZED]
+    if not quantized or not patch.Conv1D:
+        return
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config)
+    originals = dict(skeleton.named_modules())
+    for key in quantized:
+        module_name, _, param = key.rpartition(".")
+        if param == "weight" and isinstance(originals.get(module_name), patch.Conv1D):
+            entry = entries[key]
+            entries[key] = replace(entry, shape=entry.shape[::-1], make=lambda make=entry.make: make().t().contiguous())
+
+
+def _write_config(folder: Path, model: nn.Module, config, untie: bool) -> None:
+    """``config`` (untied if a tie was broken) and the model's generation config."""
     if untie:
         for cfg in {id(c): c for c in (config, config.get_text_config())}.values():
             cfg.tie_word_embeddings = False

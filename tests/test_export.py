@@ -64,8 +64,8 @@ def save_dora(model, path: str, seed: int, **lora_kwargs) -> str:
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     """Per arch: make_adapters' a (patterns, + lm_head on qwen2), b (rsLoRA) and c (lora_B bias),
-    e (embedding LoRA), d (DoRA on attention and MLP, rank and alpha patterns) and, on GPT-2, h
-    (lm_head LoRA, where lm_head is tied to the embedding)."""
+    e (embedding LoRA), d (DoRA on attention and MLP, rank and alpha patterns); on Qwen2, de (DoRA
+    on the embedding); on GPT-2, h (lm_head LoRA, where lm_head is tied to the embedding)."""
     cache = {}
 
     def get(arch):
@@ -77,6 +77,9 @@ def dirs(tmp_path_factory):
             attn, mlp = targets(arch, "attn"), targets(arch, "mlp")
             found["d"] = save_dora(model, adapter_dir(root, "d"), seed=15, r=4, lora_alpha=6, target_modules=attn + mlp,
                                    rank_pattern={mlp[0]: 2}, alpha_pattern={attn[0]: 3})
+            if arch == "qwen2":  # DoRA on the embedding: g per embedding dimension
+                found["de"] = save_dora(model, adapter_dir(root, "de"), seed=18, r=3, lora_alpha=4,
+                                        target_modules=["embed_tokens"])
             if arch == "gpt2":  # lm_head, tied to wte
                 found["h"] = save_adapter(model, adapter_dir(root, "h"), seed=17, r=2, lora_alpha=3,
                                           target_modules=["lm_head"])
@@ -102,12 +105,12 @@ def reload(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def assert_state_close(got: torch.nn.Module, want: torch.nn.Module, atol: float = 1e-6) -> None:
-    """Every tensor of ``want`` is in ``got`` (same name and shape) and within ``atol``."""
+def assert_state_close(got: torch.nn.Module, want: torch.nn.Module, atol: float = 1e-6, rtol: float = 0) -> None:
+    """Every tensor of ``want`` is in ``got`` (same name and shape) and within ``atol + rtol·|want|``."""
     have = got.state_dict()
     for key, tensor in want.state_dict().items():
         assert key in have, f"{key} is missing from the checkpoint"
-        torch.testing.assert_close(have[key], tensor, atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(have[key], tensor, atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
 
 
 # SPECs per arch: single adapters, sets with negative weights over rank/alpha patterns, rsLoRA,
@@ -115,7 +118,7 @@ def assert_state_close(got: torch.nn.Module, want: torch.nn.Module, atol: float 
 # bias to merge into: GPT-2's Conv1D has one, Llama's and Qwen2's MLP do not (see test_errors).
 SPECS = {
     "llama": ["a", {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": 0.6, "b": -0.4, "e": 1.0}],
-    "qwen2": ["a", {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": -0.5, "a": 1.2}],
+    "qwen2": ["a", {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": -0.5, "a": 1.2}, {"de": 0.8, "e": -0.6, "d": 0.3}],
     "gpt2": ["e", {"a": 1.0, "b": 0.5, "c": -0.8}, {"a": 0.7, "b": -1.3, "e": 0.9}, "d", {"d": 0.6, "c": 1.0},
              {"h": -0.8, "a": 0.5}],
 }
@@ -135,7 +138,7 @@ def test_save_merged_reloads_to_the_blend(arch, dirs, tmp_path):
         merged = reload(out)
         torch.testing.assert_close(logits(merged, ids), want, atol=ATOL, rtol=0, msg=lambda m: f"{spec}: {m}")
         weights = {spec: 1.0} if isinstance(spec, str) else spec
-        if not any(n == "d" for n in weights):  # LoRA only: the fp64 merge from the files
+        if not any(n in ("d", "de") for n in weights):  # LoRA only: the fp64 merge from the files
             assert_state_close(merged, merged_copy(tiny_model(arch), found, weights))
         config = json.loads((out / "config.json").read_text())
         untied = "e" in weights or "h" in weights  # one side of GPT-2's tie changed
@@ -148,15 +151,15 @@ def test_save_merged_reloads_to_the_blend(arch, dirs, tmp_path):
     assert torch.equal(logits(lm, ids), base)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("name", ["a", "d"])
+@pytest.mark.parametrize(("arch", "name"), [("llama", "a"), ("llama", "d"), ("gpt2", "a"), ("gpt2", "d"),
+                                           ("qwen2", "e"), ("qwen2", "de")])
 def test_save_merged_equals_peft_merge_and_unload(arch, name, dirs, tmp_path):
-    """A single adapter, LoRA or DoRA, merged by PEFT itself (for Conv1D: fan_in_fan_out)."""
+    """A single adapter, LoRA or DoRA, merged by PEFT itself (Conv1D: fan_in_fan_out; embeddings)."""
     found = dirs(arch)
     lm = wrapped(arch, found, [name])
     out = lm.save_merged(tmp_path / "m", adapters=name)
     oracle = PeftModel.from_pretrained(tiny_model(arch), found[name]).merge_and_unload().eval()
-    assert_state_close(reload(out), oracle, atol=2e-6)
+    assert_state_close(reload(out), oracle, atol=2e-6, rtol=1e-6)  # fp32 rounding of both merges
 
 
 def test_save_merged_of_registered_adapters_shards_and_tokenizer(dirs, tmp_path):
@@ -250,6 +253,38 @@ def test_save_merged_over_nf4_is_dequantize_then_merge(tmp_path):
     for name, w in dense.items():
         error = (state[name + ".weight"].double() - (w + deltas.get(name, 0))).abs()
         assert (error <= 2**-8 * w.abs() + 1e-6).all(), f"{name}: off by {error.max():.3g}"
+
+
+def test_save_merged_over_int8_is_dequantize_then_merge(tmp_path):
+    """LLM.int8 weights: one scale per row, ``W = CB · SCB / 127``, written here from that formula.
+    GPT-2: transformers swaps each Conv1D for a bitsandbytes Linear, so the export transposes the
+    weights back to Conv1D's ``(in, out)`` (c_proj is square: its shape cannot tell)."""
+    model = wide_model("gpt2")
+    adapters = {"a": save_adapter(model, adapter_dir(tmp_path, "a"), seed=19, r=4, lora_alpha=8,
+                                  target_modules=["c_attn"], rank_pattern={"h.0.attn.c_attn": 6})}
+    int8 = quantized_model(model, "int8", tmp_path)
+    quantized = {n: m for n, m in int8.named_modules() if type(m).__name__ == "Linear8bitLt"}
+    assert quantized
+
+    def dequantized(m):
+        scb = m.weight.SCB if getattr(m.weight, "SCB", None) is not None else m.state.SCB
+        return m.weight.data.double() * scb.double()[:, None] / 127
+
+    lm = lora_graph.wrap(int8)
+    lm.load_adapter("a", adapters["a"])
+    before = digest(int8)
+    out = lm.save_merged(tmp_path / "m", adapters={"a": -1.5})
+    assert digest(int8) == before
+    merged = reload(out)
+    state, deltas = merged.state_dict(), file_deltas(adapters, {"a": -1.5})
+    for name, m in quantized.items():
+        want = (dequantized(m) + deltas.get(name, 0)).float()  # (out, in), as the quantized Linear holds it
+        got = state[name + ".weight"].t()  # GPT-2's Conv1D stores (in, out)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=lambda x: f"{name}: {x}")
+    ids = token_ids(2, 6, seed=9)
+    want, base = logits(lm, ids, adapters={"a": -1.5}), logits(lm, ids)
+    # LLM.int8 quantizes activations too, so the dense checkpoint is close to it, not equal
+    assert (logits(merged, ids) - want).abs().max() < 0.03 < (want - base).abs().max()
 
 
 # -- save_adapter ----------------------------------------------------------------------------------
