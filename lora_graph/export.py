@@ -396,7 +396,8 @@ def _stacked_adapter(lm, weighted, hosts) -> tuple[dict[str, torch.Tensor], dict
     for module_name in sorted({m for name, _ in weighted for m in hosts[name]}):
         found = [(weight, hosts[name][module_name]) for name, weight in weighted if module_name in hosts[name]]
         original = lm._patched.originals[module_name]
-        conv1d.append(bool(patch.Conv1D) and isinstance(original, patch.Conv1D))
+        if not isinstance(original, nn.Embedding):
+            conv1d.append(bool(patch.Conv1D) and isinstance(original, patch.Conv1D))
         tensors.update(_stacked_module(_PREFIX + module_name, original, found))
         ranks[module_name] = sum(lora.rank for _, lora in found)
     lora_bias = any(k.endswith(".lora_B.bias") for k in tensors)
@@ -408,6 +409,11 @@ def _stacked_adapter(lm, weighted, hosts) -> tuple[dict[str, torch.Tensor], dict
             f"{embeddings[0]!r}; PEFT's lora_bias is one switch for all modules and is not allowed on embeddings, "
             "so no single PEFT adapter holds both. Save them apart, or use save_merged"
         )
+    if lora_bias:  # one switch in PEFT: every module gets a lora_B bias, zero where no adapter had one
+        for module_name in ranks:
+            stem = _PREFIX + module_name
+            tensors.setdefault(stem + ".lora_B.bias", tensors[stem + ".lora_B.weight"].new_zeros(
+                tensors[stem + ".lora_B.weight"].shape[0]))
     use_dora = any(k.endswith(".lora_magnitude_vector") for k in tensors)
     return tensors, _adapter_config(lm, ranks, lora_bias, conv1d, use_dora)
 

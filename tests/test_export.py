@@ -310,9 +310,12 @@ def test_save_adapter_reproduces_the_blend_in_peft_and_here(arch, dirs, tmp_path
         out = lm.save_adapter(tmp_path / f"x{i}", adapters=spec)
         peft_model = PeftModel.from_pretrained(tiny_model(arch), out).eval()
         torch.testing.assert_close(logits(peft_model, ids), want, atol=ATOL, rtol=0, msg=lambda m: f"{spec}: {m}")
+        check_written_ranks(out, found, spec, peft_model)
+        if not json.loads((out / "adapter_config.json").read_text())["lora_bias"]:  # PEFT cannot merge c's bias
+            merged = peft_model.merge_and_unload()  # its fan_in_fan_out and scales, merged by PEFT
+            torch.testing.assert_close(logits(merged, ids), want, atol=ATOL, rtol=0, msg=lambda m: f"{spec}: {m}")
         lm.load_adapter(f"x{i}", out)
         torch.testing.assert_close(logits(lm, ids, adapters=f"x{i}"), want, atol=ATOL, rtol=0)
-        check_written_ranks(out, found, spec, peft_model)
     assert digest(lm.model) == before
 
 
