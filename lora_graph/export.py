@@ -213,7 +213,8 @@ def _walk(module: nn.Module, prefix: str = ""):
 
 def _copy(tensor: torch.Tensor, dtype: torch.dtype) -> _Entry:
     out = dtype if tensor.is_floating_point() else tensor.dtype
-    return _Entry(tuple(tensor.shape), out, lambda: tensor.detach().to("cpu", out).contiguous(), tensor)
+    # a copy: safetensors refuses tensors that share memory (views of one buffer) within a file
+    return _Entry(tuple(tensor.shape), out, lambda: tensor.detach().to("cpu", out, copy=True).contiguous(), tensor)
 
 
 def _plain_entries(model: nn.Module, dtype: torch.dtype) -> dict[str, _Entry]:
