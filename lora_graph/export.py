@@ -76,7 +76,7 @@ class Export:
         5 points of exact match with nf4: README, "Exporting"), while the checkpoint as written
         computes what the branch over the quantized base computed. Quantize on reload
         (``BitsAndBytesConfig``) if the size matters more. Tied weights (lm_head and the
-        embedding) are written apart, and untied in the config, when only one of them changes.
+        embedding) are written apart, and untied in the config, once an adapter changes either.
         Returns the directory.
         """
         weighted = self._export_set(adapters, "save_merged")

@@ -185,6 +185,23 @@ def test_save_merged_of_registered_adapters_shards_and_tokenizer(dirs, tmp_path)
         assert torch.equal(tensor, full[key].to(torch.bfloat16)), key
 
 
+def test_save_merged_of_a_bf16_model_is_bf16(dirs, tmp_path):
+    """The default dtype is the model's: a bf16 model gives a bf16 checkpoint, merged in fp32 and
+    rounded once (so within one bf16 rounding of the fp64 merge)."""
+    found = dirs("qwen2")
+    lm = lora_graph.wrap(tiny_model("qwen2", dtype=torch.bfloat16))
+    for name in ("a", "e"):
+        lm.load_adapter(name, found[name])
+    spec = {"a": 0.9, "e": -1.1}
+    out = lm.save_merged(tmp_path / "m", adapters=spec)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    got = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    want = merged_copy(tiny_model("qwen2", dtype=torch.bfloat16), found, spec).state_dict()
+    for key, tensor in want.items():
+        assert got[key].dtype == torch.bfloat16, key
+        torch.testing.assert_close(got[key].float(), tensor, atol=1e-6, rtol=2**-8, msg=lambda m: f"{key}: {m}")
+
+
 # -- nf4 base --------------------------------------------------------------------------------------
 
 
