@@ -11,6 +11,10 @@ Setups, each on the same held-out words (never seen in training), greedy decodin
     int8+branch    int8 base, lora_graph branch; one mixed batch
     merged->nf4    PEFT merge_and_unload into fp32, then nf4; one model per adapter
     merged->int8   the same with int8
+    save_merged(nf4)        nf4 base, lora_graph's lm.save_merged per adapter: each module dequantized,
+                            the adapter merged in, a plain fp32 checkpoint reloaded; one model per adapter
+    save_merged(nf4)->nf4   that checkpoint quantized to nf4 again (what re-quantizing an export gives)
+    save_merged(int8), save_merged(int8)->int8   the same over the int8 base
 
 Quantization is transformers' own: the model is loaded with a ``BitsAndBytesConfig``
 (lora_graph.demo.load_base / quantized_copy), which keeps lm_head unquantized; an adapter's embed_tokens / lm_head part therefore stays fp32 when
@@ -81,6 +85,28 @@ def merged(tokenizer, words: list[str], quantize: str) -> dict[str, float]:
     return out
 
 
+def exported(tokenizer, words: list[str], quantize: str, requantize: bool) -> dict[str, float]:
+    """Each adapter exported by ``lm.save_merged`` over the (quantized) base, reloaded, and
+    optionally quantized again the same way."""
+    import tempfile
+
+    model = load_base()
+    demo.quantize_linears(model, quantize)
+    lm = lora_graph.wrap(model, progress=False)
+    for name, path in demo.adapter_paths().items():
+        lm.register_adapter(name, path)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (*demo.ADAPTERS, None):
+            folder = lm.save_merged(Path(tmp) / (name or "base"), adapters=name, dtype=torch.float32)
+            merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            if requantize:
+                demo.quantize_linears(merged, quantize)
+            answers, _ = demo.complete(merged, tokenizer, words)
+            out[name or "base"] = score(answers, name or "copy", words)
+    return out
+
+
 def markdown(report: dict) -> str:
     lines = [
         "# Quantized base: branch vs merged, exact match on held-out words",
@@ -113,13 +139,17 @@ def main(argv=None) -> None:
         "merged->nf4": lambda: merged(tokenizer, words, "nf4"),
         "int8+branch": lambda: branch(tokenizer, words, "int8"),
         "merged->int8": lambda: merged(tokenizer, words, "int8"),
+        "save_merged(nf4)": lambda: exported(tokenizer, words, "nf4", requantize=False),
+        "save_merged(nf4)->nf4": lambda: exported(tokenizer, words, "nf4", requantize=True),
+        "save_merged(int8)": lambda: exported(tokenizer, words, "int8", requantize=False),
+        "save_merged(int8)->int8": lambda: exported(tokenizer, words, "int8", requantize=True),
     }
     results, seconds = {}, {}
     for name, run in setups.items():
         t0 = time.perf_counter()
         results[name] = run()
         seconds[name] = round(time.perf_counter() - t0, 2)
-        print(f"{name:14s} " + "  ".join(f"{c} {100 * results[name][c]:5.1f}%" for c in COLUMNS), flush=True)
+        print(f"{name:24s} " + "  ".join(f"{c} {100 * results[name][c]:5.1f}%" for c in COLUMNS), flush=True)
 
     report = {
         "benchmark": "quant_quality",

@@ -43,6 +43,7 @@ from . import notebook, patch
 from .backends import resolve_backend
 from .bulk import Bulk
 from .compat import Compat
+from .export import Export
 from .registry import Registry
 from .residency import Residency
 from .routing import BASE_NAME, Router, resolve_spec, spec_from_adapter_names
@@ -97,7 +98,7 @@ def _check_arguments(model, adapter_dtype, max_loaded, max_cpu, max_rank) -> Non
         raise ValueError(f"max_cpu must be a non-negative int or None, got {max_cpu!r}")
 
 
-class LoraGraph(Registry, Bulk, Compat):
+class LoraGraph(Registry, Bulk, Export, Compat):
     """Many LoRA adapters over one frozen model. Create it with :func:`lora_graph.wrap`."""
 
     def __init__(self, model: nn.Module, backend: str = "auto", adapter_dtype: torch.dtype = torch.float32,
