@@ -434,3 +434,20 @@ def serving(lm, tokenizer, **app_kwargs):
         server.should_exit = True
         thread.join(30)
         assert not thread.is_alive(), "the server did not stop"
+
+
+MAGNITUDE = ".lora_magnitude_vector"
+
+
+def save_dora(model, path: str, seed: int, **lora_kwargs) -> str:
+    """A PEFT DoRA adapter with non-zero B (:func:`save_adapter`) whose magnitudes are then scaled
+    per channel by U(0.5, 1.5), so that g is far from 1."""
+    save_adapter(model, path, seed=seed, use_dora=True, **lora_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+
+    def scale(tensors):
+        for key in sorted(tensors):
+            if key.endswith(MAGNITUDE):
+                tensors[key] = tensors[key] * (0.5 + torch.rand(tensors[key].shape, generator=gen))
+
+    return edit_adapter_tensors(path, scale)

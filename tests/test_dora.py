@@ -23,6 +23,7 @@ import os
 import pytest
 import torch
 from helpers import (
+    MAGNITUDE,
     adapter_dir,
     assert_original_modules,
     copy_adapter,
@@ -34,6 +35,7 @@ from helpers import (
     peft_rows,
     quantized_model,
     save_adapter,
+    save_dora,
     targets,
     tiny_model,
     token_ids,
@@ -47,21 +49,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 ATOL32 = 1e-5
 ATOL_BNB = 2e-3  # tests/test_quantized.py's tolerance
 BACKENDS = ["torch", "triton"]
-MAGNITUDE = ".lora_magnitude_vector"
-
-
-def save_dora(model, path: str, seed: int, **lora_kwargs) -> str:
-    """A PEFT DoRA adapter with non-zero B (helpers.save_adapter) whose magnitudes are then scaled
-    per channel by U(0.5, 1.5)."""
-    save_adapter(model, path, seed=seed, use_dora=True, **lora_kwargs)
-    gen = torch.Generator().manual_seed(seed)
-
-    def scale(tensors):
-        for key in sorted(tensors):
-            if key.endswith(MAGNITUDE):
-                tensors[key] = tensors[key] * (0.5 + torch.rand(tensors[key].shape, generator=gen))
-
-    return edit_adapter_tensors(path, scale)
 
 
 def as_lora(path: str, dst: str) -> str:

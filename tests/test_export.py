@@ -23,12 +23,12 @@ from helpers import (
     adapter_dir,
     assert_original_modules,
     digest,
-    edit_adapter_tensors,
     make_adapters,
     merged_copy,
     module_map,
     quantized_model,
     save_adapter,
+    save_dora,
     targets,
     tiny_model,
     tiny_tokenizer,
@@ -44,21 +44,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 ATOL = 1e-5
 EMBEDDING = {"llama": "embed_tokens", "qwen2": "embed_tokens", "gpt2": "wte"}
-MAGNITUDE = ".lora_magnitude_vector"
-
-
-def save_dora(model, path: str, seed: int, **lora_kwargs) -> str:
-    """A PEFT DoRA adapter with non-zero B whose magnitudes are scaled per channel by U(0.5, 1.5),
-    so that g is far from 1 (as in test_dora.py)."""
-    save_adapter(model, path, seed=seed, use_dora=True, **lora_kwargs)
-    gen = torch.Generator().manual_seed(seed)
-
-    def scale(tensors):
-        for key in sorted(tensors):
-            if key.endswith(MAGNITUDE):
-                tensors[key] = tensors[key] * (0.5 + torch.rand(tensors[key].shape, generator=gen))
-
-    return edit_adapter_tensors(path, scale)
 
 
 @pytest.fixture(scope="module")
