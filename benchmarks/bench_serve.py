@@ -18,7 +18,7 @@ Providers (all over the same base weight tensors):
   and answers them all at the end), and one request at a time with ``set_adapter``. Their token
   times come from a generate streamer; a request counts only its own tokens.
 
-    python benchmarks/bench_serve.py [--requests 32] [--out benchmarks/results/serve.json]
+    python benchmarks/bench_serve.py [--requests 48] [--out benchmarks/results/serve.json]
 """
 
 from __future__ import annotations
