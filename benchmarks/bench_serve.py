@@ -9,6 +9,9 @@ different lengths do; request ``i`` uses adapter ``i mod D``. Every provider fir
 warm-up round. Measured per provider: generated tokens per second over the
 whole run, time to first token (submit to first token) and inter-token latency, p50 and p99.
 
+Every provider computes in the main thread, the one that built the model, as ``lora-graph serve``
+does (lora_graph.serve.Engine.run says why); the clients are threads that submit and wait.
+
 Providers (all over the same base weight tensors):
 - ``lora_graph`` engine (lora_graph.serve.Engine, continuous batching) with the base only and
   with 1, 8 and 64 distinct adapters; 64 are paged through ``max_loaded=16``;
@@ -108,10 +111,35 @@ def run_clients(jobs: list, serve_one) -> dict:
     return timeline.summary(time.perf_counter() - start)
 
 
-def engine_provider(lm, batching: bool):
-    engine = Engine(lm, max_batch_tokens=512, num_blocks=256, page_size=16, batching=batching).start()
+def drive(provider, rounds: list[list]) -> list[dict]:
+    """Each round of jobs through 16 clients (threads that only submit and wait), while the calling
+    thread, the one that built the model, runs ``provider.compute()`` until the last round ends:
+    every provider computes where a server would, see lora_graph.serve.Engine.run."""
+    results = []
 
-    def serve_one(i, job, timeline):
+    def driver():
+        try:
+            for jobs in rounds:
+                results.append(run_clients(jobs, provider.serve_one))
+        finally:
+            provider.stop()
+
+    thread = threading.Thread(target=driver)
+    thread.start()
+    provider.compute()
+    thread.join()
+    if len(results) != len(rounds):
+        raise RuntimeError(f"{type(provider).__name__}: a round did not finish")
+    return results
+
+
+class EngineProvider:
+    def __init__(self, lm, batching: bool) -> None:
+        self.engine = Engine(lm, max_batch_tokens=512, num_blocks=256, page_size=16, batching=batching)
+        self.engine.start(steps=False)
+        self.compute, self.stop = self.engine.run, self.engine.stop
+
+    def serve_one(self, i, job, timeline):
         prompt, spec, new = job
         stamps = timeline.tokens[i]
 
@@ -119,9 +147,7 @@ def engine_provider(lm, batching: bool):
             now = time.perf_counter()
             stamps.extend([now] * (len(request.tokens) - len(stamps)))
 
-        engine.submit(prompt, spec, max_new_tokens=new, on_update=update).result(600)
-
-    return engine, serve_one
+        self.engine.submit(prompt, spec, max_new_tokens=new, on_update=update).result(600)
 
 
 class _Stamps(BaseStreamer):
@@ -143,54 +169,54 @@ class _Stamps(BaseStreamer):
         pass
 
 
-def peft_static(peft):
-    """A batcher thread: whatever requests wait (up to 16) become one generate(adapter_names=...)."""
-    waiting: queue.Queue = queue.Queue()
+class PeftProvider:
+    """PEFT as a user would serve it today. ``static``: whatever requests wait (up to 16) become one
+    ``generate(adapter_names=...)`` run to the longest request's length; otherwise one request at a
+    time after ``set_adapter``."""
 
-    def batcher():
+    def __init__(self, peft, static: bool) -> None:
+        self.peft, self.static = peft, static
+        self.waiting: queue.Queue = queue.Queue()
+
+    def serve_one(self, i, job, timeline):
+        done = threading.Event()
+        self.waiting.put((job, timeline.tokens[i], done))
+        done.wait()
+
+    def stop(self):
+        self.waiting.put(None)
+
+    def compute(self):
         while True:
-            first = waiting.get()
+            first = self.waiting.get()
             if first is None:
                 return
             batch = [first]
-            while len(batch) < CLIENTS:
+            while self.static and len(batch) < CLIENTS:
                 try:
-                    batch.append(waiting.get_nowait())
+                    batch.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
-            width = max(len(job[0]) for job, _, _ in batch)
-            longest = max(job[2] for job, _, _ in batch)
-            ids = torch.tensor([[0] * (width - len(job[0])) + job[0] for job, _, _ in batch])
-            mask = torch.tensor([[0] * (width - len(job[0])) + [1] * len(job[0]) for job, _, _ in batch])
-            with torch.no_grad():
-                peft.generate(input_ids=ids, attention_mask=mask, adapter_names=[job[1] for job, _, _ in batch],
-                              max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=0,
-                              streamer=_Stamps([stamps for _, stamps, _ in batch], [job[2] for job, _, _ in batch]))
+            if batch[-1] is None:
+                batch.pop()
+                self.waiting.put(None)
+            self.generate(batch)
             for _, _, done in batch:
                 done.set()
 
-    thread = threading.Thread(target=batcher, daemon=True)
-    thread.start()
-
-    def serve_one(i, job, timeline):
-        done = threading.Event()
-        waiting.put((job, timeline.tokens[i], done))
-        done.wait()
-
-    return (lambda: waiting.put(None)), serve_one
-
-
-def peft_one_at_a_time(peft):
-    lock = threading.Lock()
-
-    def serve_one(i, job, timeline):
-        prompt, name, new = job
-        with lock, torch.no_grad():
-            peft.set_adapter(name)
-            peft.generate(input_ids=torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new,
-                          do_sample=False, pad_token_id=0, streamer=_Stamps([timeline.tokens[i]], [new]))
-
-    return serve_one
+    def generate(self, batch):
+        width = max(len(job[0]) for job, _, _ in batch)
+        longest = max(job[2] for job, _, _ in batch)
+        ids = torch.tensor([[0] * (width - len(job[0])) + job[0] for job, _, _ in batch])
+        mask = torch.tensor([[0] * (width - len(job[0])) + [1] * len(job[0]) for job, _, _ in batch])
+        names = [job[1] for job, _, _ in batch]
+        kwargs = {"adapter_names": names} if self.static else {}
+        if not self.static:
+            self.peft.set_adapter(names[0])
+        with torch.no_grad():
+            self.peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                               do_sample=False, pad_token_id=0, **kwargs,
+                               streamer=_Stamps([stamps for _, stamps, _ in batch], [job[2] for job, _, _ in batch]))
 
 
 def main() -> None:
@@ -222,24 +248,18 @@ def main() -> None:
                                                   ("8 adapters, batching off", 8, False, None)]:
         lm = lora_graph.wrap(shared_copy(base), max_loaded=max_loaded, max_cpu=64)
         lm.register_adapters({f"a{i}": paths[f"a{i}"] for i in range(max(distinct, 1))})
-        engine, serve_one = engine_provider(lm, batching)
-        run_clients([(p, s, 4) for p, s, _ in jobs(distinct, CLIENTS)], serve_one)  # warm-up
-        results[label] = run_clients(jobs(distinct), serve_one)
-        engine.stop()
+        warm, results[label] = drive(EngineProvider(lm, batching), [
+            [(p, s, 4) for p, s, _ in jobs(distinct, CLIENTS)], jobs(distinct)])
         lm.unwrap()
         print(f"{label:>32}: {results[label]['tokens_per_s']:7.1f} tokens/s", flush=True)
     peft = PeftModel.from_pretrained(shared_copy(base), paths["a0"], adapter_name="a0")
     for i in range(1, 8):
         peft.load_adapter(paths[f"a{i}"], adapter_name=f"a{i}")
     peft.eval()
-    stop, serve_one = peft_static(peft)
-    run_clients([(p, s, 4) for p, s, _ in jobs(8, CLIENTS)], serve_one)  # warm-up
-    results["PEFT static batches, 8 adapters"] = run_clients(jobs(8), serve_one)
-    stop()
-    one = peft_one_at_a_time(peft)
-    run_clients([(p, s, 4) for p, s, _ in jobs(8, 2)], one)  # warm-up
-    results["PEFT set_adapter one at a time, 8 adapters"] = run_clients(jobs(8), one)
-    for label in list(results)[-2:]:
+    for label, static, warm_count in [("PEFT static batches, 8 adapters", True, CLIENTS),
+                                      ("PEFT set_adapter one at a time, 8 adapters", False, 2)]:
+        warm, results[label] = drive(PeftProvider(peft, static), [
+            [(p, s, 4) for p, s, _ in jobs(8, warm_count)], jobs(8)])
         print(f"{label:>32}: {results[label]['tokens_per_s']:7.1f} tokens/s", flush=True)
     summary = _targets(results)
     for line in summary["lines"]:

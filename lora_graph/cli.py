@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,8 +174,40 @@ def run_serve(args) -> int:
                      adapter_roots=roots, max_queue=args.max_queue)
     logger.info("serving %s with adapters %s on http://%s:%d", model_id, ", ".join(adapters) or "none", args.host,
                 args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    serve_http(app, uvicorn.Config(app, host=args.host, port=args.port,
+                                   log_level="info" if args.verbose else "warning"))
     return 0
+
+
+def serve_http(app, config) -> None:
+    """uvicorn in a thread of its own, and the engine's steps in this one, the thread that loaded
+    the model (lora_graph.serve.Engine.run says why), until interrupted or until uvicorn stops."""
+    import uvicorn
+
+    server = uvicorn.Server(config)
+    engine = app.state.server.engine
+    if threading.current_thread() is threading.main_thread():  # uvicorn cannot, from its thread
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    engine.start(steps=False)  # the app's start-up finds it started, and its shut-down stops it
+
+    def http_main():
+        try:
+            server.run()
+        finally:  # stopped, or failed to start (uvicorn logs why): the steps end too
+            engine.stop()
+
+    http = threading.Thread(target=http_main, name="lora-graph-http", daemon=True)
+    http.start()
+    try:
+        engine.run()  # returns once the engine is stopped
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join(timeout=30)
+        engine.stop()
+    if not server.started:
+        raise OSError(f"could not serve on http://{config.host}:{config.port} (see the log above)")
 
 
 def _serve_on_ray(args, adapters: dict) -> int:

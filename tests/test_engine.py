@@ -155,3 +155,69 @@ def test_a_wrapped_models_own_continuous_batching_refuses(lm, tokenizer):
         lm.model.generate_batch([ids(tokenizer, "weight")])
     with pytest.raises(RuntimeError, match="lm.generate_batch"):
         lm.model.init_continuous_batching()
+
+
+def test_run_computes_in_the_calling_thread_until_stopped(tokenizer):
+    """``Engine.run`` runs the steps in its caller's thread (the fast way on CPU); a request
+    submitted from another thread is answered, ``stop`` from there ends ``run``, and the threads
+    that page adapters in and hand tokens out run their tensor ops without an OpenMP pool."""
+    from lora_graph.serve.engine import Recorder
+
+    seen: dict = {"steps": set()}
+
+    class Watch(Recorder):
+        def step(self, batch_size):
+            seen["steps"].add(threading.current_thread().name)
+
+        def adapter_load(self, seconds):  # the admission thread, after paging "reverse" in
+            seen["admit"] = torch.get_num_threads()
+
+        def finished(self, request):  # the dispatch thread
+            seen["dispatch"] = torch.get_num_threads()
+
+    lm = demo_lm()  # registered, not resident: the request pages its adapter in
+    engine = Engine(lm, recorder=Watch()).start(steps=False)
+
+    def client():
+        try:
+            seen["tokens"] = engine.submit(ids(tokenizer, "lora"), "reverse", max_new_tokens=8).result(60)
+        finally:
+            engine.stop()
+
+    threading.Thread(target=client).start()
+    runner = threading.Thread(target=engine.run, name="steps")
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "run() did not return after stop()"
+    assert seen["tokens"] == alone(lm, tokenizer, "lora", "reverse", 8)
+    assert seen["steps"] == {"steps"}
+    if torch.get_num_threads() > 1 and _omp_found():
+        assert seen["admit"] == seen["dispatch"] == 1
+    with pytest.raises(RuntimeError, match="stopped"):
+        engine.start()
+
+
+def _omp_found() -> bool:
+    from lora_graph.serve.omp import _runtime
+
+    return _runtime() is not None
+
+
+def test_single_threaded_ops_changes_only_the_calling_thread():
+    from lora_graph.serve.omp import single_threaded_ops
+
+    before, seen = torch.get_num_threads(), {}
+
+    def helper():
+        seen["took"] = single_threaded_ops()
+        seen["threads"] = torch.get_num_threads()
+        x = torch.randn(512, 512)
+        seen["sum"] = float((x @ x).sum())  # still computes
+
+    thread = threading.Thread(target=helper)
+    thread.start()
+    thread.join()
+    if before > 1 and seen["took"]:
+        assert seen["threads"] == 1
+    assert torch.get_num_threads() == before
+    assert seen["sum"] == seen["sum"]  # not NaN

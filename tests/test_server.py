@@ -324,6 +324,11 @@ def test_the_serve_command_serves_the_demo(lm, tokenizer):
         assert {m.id for m in client.models.list().data} == {MODEL_ID, "upper", "reverse", "shift", "double"}
         got = client.completions.create(model="upper", prompt="weight=", max_tokens=10, temperature=0)
         assert got.choices[0].text == expected(lm, tokenizer, "weight=", "upper", 10)[0] == "WEIGHT"
+        busy = subprocess.run([sys.executable, "-m", "lora_graph.cli", "serve", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and f"could not serve on http://127.0.0.1:{port}" in busy.stderr, busy.stderr
+        proc.terminate()  # SIGTERM: the engine and uvicorn stop, and the command exits cleanly
+        assert proc.wait(30) == 0, proc.stdout.read()
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(30)

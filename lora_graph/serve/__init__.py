@@ -2,6 +2,7 @@
 
     engine.py       requests with their own SPECs, admitted as their adapters fit, batched per step
     hf_batching.py  the coupling to transformers' continuous batching (the one module that knows it)
+    omp.py          helper threads without an OpenMP pool of their own (one pool: the steps')
     app.py          the HTTP layer (FastAPI), imported only when serving
     ray.py          the Ray Serve application: replicas of app.py, routed by Ray's model multiplexing
 

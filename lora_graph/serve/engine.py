@@ -12,6 +12,11 @@ slots a request whose adapters do not fit beside the running requests' waits in 
 not failed), and requests behind it whose adapters are resident go ahead. A request naming an
 unknown adapter, or more distinct adapters than ``max_loaded``, fails at once.
 
+The steps run in a thread of the engine's own (``start()``), or in the caller's (``run()``, what
+``lora-graph serve`` and ``generate_batch`` do: on CPU the thread that loaded the model computes
+fastest, see ``run``); the admission and dispatch threads keep their tensor ops to themselves
+(omp.py).
+
 The engine knows neither HTTP nor Ray: it takes token ids and gives token ids. ``batching=False``
 runs one request at a time through the same machinery (a baseline for benchmarks).
 """
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from ..routing import resolve_spec
 from ..slots import SlotsFull
 from .hf_batching import Route, Sampling, make_manager, next_output
+from .omp import single_threaded_ops
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +127,40 @@ class Engine:
         self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def start(self) -> Engine:
+    def start(self, steps: bool = True) -> Engine:
+        """Start admitting and answering requests, with the forward steps in a thread of their own;
+        ``steps=False`` leaves the steps to :meth:`run`."""
         if self._threads:
             return self
-        self._manager.start()
+        if self._stopping:
+            raise RuntimeError("this engine was stopped; create a new Engine")
+        if steps:
+            self._manager.start()
         self._threads = [threading.Thread(target=self._admit_loop, name="lora-graph-admit", daemon=True),
                          threading.Thread(target=self._dispatch_loop, name="lora-graph-dispatch", daemon=True)]
         for t in self._threads:
             t.start()
         return self
+
+    def run(self) -> None:
+        """Run the forward steps in the calling thread until :meth:`stop` is called from another one.
+
+        On CPU this is the fast way to serve, from the thread that loaded the model: PyTorch's
+        OpenMP keeps one pool of worker threads per thread that ran a parallel op, and once two
+        pools exist, more threads than cores wait on each other (libgomp then stops spinning and
+        sleeps between ops), which makes the many small ops of a step with adapters about 3x
+        slower in a second thread. On a GPU either way is as fast."""
+        with self._cond:
+            if self._stopping:
+                return
+        self.start(steps=False)
+        with self._cond:  # stop() from another thread either sees the loop running or keeps it from starting
+            if self._stopping:
+                return
+            if self._manager.is_running():
+                raise RuntimeError("the engine's steps already run in a thread of their own (start(steps=True))")
+            self._manager.claim_here()
+        self._manager.run_here()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish nothing more: cancel what is pending or running, and stop every thread."""
@@ -184,6 +215,7 @@ class Engine:
 
     # -- admission -----------------------------------------------------------------------------------
     def _admit_loop(self) -> None:
+        single_threaded_ops()  # page-ins copy tensors: no second OpenMP pool beside the steps' (omp.py)
         while True:
             with self._cond:
                 while not self._stopping and not (self._pending and (self.batching or not self._running)):
@@ -234,6 +266,7 @@ class Engine:
 
     # -- results ---------------------------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
+        single_threaded_ops()
         while not self._stopping:
             output = next_output(self._manager, timeout=0.1)
             if output is None:
@@ -306,10 +339,23 @@ def generate_batch(lm, inputs, adapters=None, max_new_tokens: int = 16, do_sampl
         resolve_spec(spec, lm.adapters)  # every SPEC checked before anything runs
     temperature = (1.0 if temperature is None else temperature) if do_sample else 0.0
     engine_kwargs.setdefault("max_queue", max(len(inputs), 1))
-    with Engine(lm, **engine_kwargs) as engine:
+    engine = Engine(lm, **engine_kwargs).start(steps=False)
+    try:
         requests = [engine.submit(ids, spec, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   seed=None if seed is None else seed + i)
                     for i, (ids, spec) in enumerate(zip(inputs, specs))]
-        for request in progress_bar(requests, "generating", lm.progress if progress is None else progress):
-            request.done.wait()
+
+        def wait_then_stop():  # the steps run in this (the caller's) thread, see Engine.run
+            try:
+                for request in progress_bar(requests, "generating", lm.progress if progress is None else progress):
+                    request.done.wait()
+            finally:
+                engine.stop()
+
+        watcher = threading.Thread(target=wait_then_stop, name="lora-graph-progress", daemon=True)
+        watcher.start()
+        engine.run()
+        watcher.join()
         return [request.result() for request in requests]
+    finally:
+        engine.stop()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,22 @@ def make_manager(lm, routes: dict[str, Route], max_batch_tokens: int, num_blocks
             _instrument(processor, lm, routes, on_step)
             return processor
 
+        def claim_here(self) -> None:
+            """Mark the loop as running in the calling thread (``start`` runs it in a thread of its
+            own), so that ``stop`` from another thread waits for it; then call :meth:`run_here`."""
+            if self.is_running():
+                raise RuntimeError("the generation loop is already running")
+            self.background_thread_status.clear()
+            self._generation_thread = _CallingThread()
+
+        def run_here(self) -> None:
+            """The generation loop, in the calling thread, until ``stop`` is called from another."""
+            here = self._generation_thread
+            try:
+                self._run_generation_loop(use_inference_mode=torch.is_inference_mode_enabled())
+            finally:
+                here.finished.set()
+
     config = ContinuousBatchingConfig(
         page_size=page_size, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens,
         max_requests_per_batch=max_requests_per_batch, allow_block_sharing=False, use_async_batching=False,
@@ -114,6 +131,20 @@ def make_manager(lm, routes: dict[str, Route], max_batch_tokens: int, num_blocks
     generation = GenerationConfig(do_sample=False, max_new_tokens=16, eos_token_id=-1,
                                   pad_token_id=model.generation_config.pad_token_id)
     return RoutedManager(model, generation, config)
+
+
+class _CallingThread:
+    """Stands for the manager's generation thread while the loop runs in a caller's thread: what
+    ``is_running``, ``stop`` and ``join`` ask of a thread."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+
+    def is_alive(self) -> bool:
+        return not self.finished.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.finished.wait(timeout)
 
 
 def _instrument(processor, lm, routes: dict[str, Route], on_step) -> None:
