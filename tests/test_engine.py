@@ -221,3 +221,29 @@ def test_single_threaded_ops_changes_only_the_calling_thread():
         assert seen["threads"] == 1
     assert torch.get_num_threads() == before
     assert seen["sum"] == seen["sum"]  # not NaN
+
+
+def test_an_interrupted_run_leaves_the_model_as_it_was(tokenizer):
+    """Ctrl-C in ``run`` (here a KeyboardInterrupt raised inside a step) ends it; ``stop`` then
+    gives an eager model its attention implementation back, which continuous batching swaps."""
+    from lora_graph.serve.engine import Recorder
+
+    model = AutoModelForCausalLM.from_pretrained(demo.base_path(), dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    lm = lora_graph.wrap(model)
+    lm.load_adapter("upper", demo.adapter_paths()["upper"])
+
+    class Interrupt(Recorder):
+        def step(self, batch_size):
+            raise KeyboardInterrupt
+
+    engine = Engine(lm, recorder=Interrupt()).start(steps=False)
+    assert model.config._attn_implementation == "paged|eager"  # what the batching manager needs
+    request = engine.submit(ids(tokenizer, "lora"), "upper", max_new_tokens=4)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run()
+    engine.stop()
+    assert request.finish_reason == "cancelled"
+    assert model.config._attn_implementation == "eager"
+    assert lm.generate_batch([ids(tokenizer, "lora")], adapters=["upper"], max_new_tokens=6)[0] == \
+        alone(lm, tokenizer, "lora", "upper", 6)

@@ -169,8 +169,7 @@ class Engine:
             self._cond.notify_all()
         for request in list(self._requests.values()):
             self._finish(request, "cancelled")
-        if self._manager.is_running():
-            self._manager.stop(block=True, timeout=timeout)
+        self._manager.finish(timeout)
         for t in self._threads:
             t.join(timeout)
         self._threads = []

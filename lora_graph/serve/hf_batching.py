@@ -115,6 +115,12 @@ def make_manager(lm, routes: dict[str, Route], max_batch_tokens: int, num_blocks
             self.background_thread_status.clear()
             self._generation_thread = _CallingThread()
 
+        def finish(self, timeout: float | None) -> None:
+            """Stop the loop, wherever it runs, and put the model back as it was (its attention
+            implementation): also after a loop that ended by itself (an interrupt in ``run_here``)."""
+            if self._generation_thread is not None:
+                self.stop(block=True, timeout=timeout)
+
         def run_here(self) -> None:
             """The generation loop, in the calling thread, until ``stop`` is called from another."""
             here = self._generation_thread
