@@ -71,16 +71,20 @@ def test_an_evicted_large_rank_gives_its_room_back(pristine, paths):
     assert lm.memory()["device"]["slot_buffers"] == expected(pristine, 1, 4)
 
 
-def test_free_slots_at_the_end_are_given_back(pristine, paths):
+def test_free_slots_are_given_back(pristine, paths):
+    """Each rank has its own storage (one r=4 row, seven r=8 rows), which shrinks as its slots go."""
     lm = lora_graph.wrap(copy.deepcopy(pristine))
     for name in ("small", "mid"):
         lm.load_adapter(name, paths[name])
     for i in range(6):
         lm.load_adapter(f"m{i}", paths["mid"])
-    assert lm.memory()["device"]["slot_buffers"] >= expected(pristine, 8, 8)
+    device = lm.memory()["device"]
+    assert device["rank_classes"][4] == expected(pristine, 1, 4)
+    assert expected(pristine, 7, 8) <= device["rank_classes"][8] <= 1.1 * expected(pristine, 7, 8)
+    assert device["slot_buffers"] == sum(device["rank_classes"].values())
     for i in range(6):
         lm.unload_adapter(f"m{i}")
-    assert lm.memory()["device"]["slot_buffers"] == expected(pristine, 2, 8)
+    assert lm.memory()["device"]["slot_buffers"] == expected(pristine, 1, 4) + expected(pristine, 1, 8)
 
 
 def test_a_running_request_keeps_reading_the_storage_it_started_with(pristine, paths):

@@ -162,7 +162,10 @@ def gather(state, slots: tuple[int, ...], device: torch.device):
     scaled by it, in fp32; otherwise ``mag`` is None."""
     factors = state.factors
     r = max(state.rank[s] for s in slots)
-    idx = torch.tensor(slots, dtype=torch.int64, device=device)
+    rows = slots
+    if factors is None:  # a bank of several rank classes: their rows, one per slot, in order
+        factors, rows = state.rows_of(slots), range(len(slots))
+    idx = torch.tensor(rows, dtype=torch.int64, device=device)
     # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as Aᵀ
     # (D, K, r): the batched GEMMs then read row-major operands, which is faster on CPU. One slot
     # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
@@ -501,14 +504,15 @@ class Gathered:
 
     PER_LAYER = 4
 
-    def __init__(self) -> None:
+    def __init__(self, gather=gather) -> None:
+        self._gather = gather  # (state, slots, device) -> what a forward reads
         self._entries: dict = {}  # layer -> {slots: (state, gathered)}, oldest first
 
     def get(self, layer, state, slots: tuple[int, ...]):
         entries = self._entries.setdefault(layer, {})
         entry = entries.get(slots)
         if entry is None or entry[0] is not state:
-            entry = (state, gather(state, slots, layer.bank.device))
+            entry = (state, self._gather(state, slots, layer.bank.device))
             if len(entries) >= self.PER_LAYER:
                 entries.pop(next(iter(entries)), None)
             entries[slots] = entry

@@ -26,8 +26,10 @@ from __future__ import annotations
 import torch
 
 from ..kernels import triton_ops
+from ..kernels.factors import Factors
 from ..kernels.lanes import Lanes
 from .base import Backend, Layout
+from .torch import Gathered
 
 
 def _fixed(lanes: Lanes, buffers: dict, key) -> Lanes:
@@ -48,26 +50,44 @@ def _fixed(lanes: Lanes, buffers: dict, key) -> Lanes:
 
 
 class TritonLayout(Layout):
-    """Lanes by (token count, bank size, device)."""
+    """Lanes by (token count, bank size or used slots, device). A bank of several rank classes
+    (no ``factors``, bank.py) is read through the rows of the slots the plan uses, gathered once
+    per bank state and slot set (``gathered``), with the lanes' slots renumbered to those rows."""
 
-    def __init__(self, plan) -> None:
+    def __init__(self, plan, gathered: Gathered) -> None:
         super().__init__(plan)
         self._lanes: dict = {}
+        self._gathered = gathered
 
-    def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
+    def lanes(self, num_tokens: int, num_slots: int | tuple, device: torch.device) -> Lanes:
+        """``num_slots``: the bank's slot count, or the slots whose rows a gathered bank holds."""
         key = (num_tokens, num_slots, device)
         try:
             return self._lanes[key]
         except KeyError:
-            lanes = self._lanes[key] = self.plan.lanes(num_tokens, num_slots, device)
+            if isinstance(num_slots, tuple):
+                lanes = self.plan.lanes(num_tokens, len(num_slots), device, rows=num_slots)
+            else:
+                lanes = self.plan.lanes(num_tokens, num_slots, device)
+            self._lanes[key] = lanes
             return lanes
+
+    def operands(self, layer, state, num_tokens: int, device: torch.device) -> tuple[Factors, Lanes] | None:
+        """The factors a layer's kernels read and their lanes; None when no lane uses the bank."""
+        if state.factors is not None:
+            return state.factors, self.lanes(num_tokens, state.factors.num_slots, device)
+        used = tuple(sorted({s for lanes in self.plan.sets for s, _ in lanes if s in state.present}))
+        if not used:
+            return None
+        return self._gathered.get(layer, state, used), self.lanes(num_tokens, used, device)
 
     def bind(self, layer, state, x: torch.Tensor):
         k = x.shape[-1]
         num_tokens = x.numel() // k if k else 0
-        lanes = self.lanes(num_tokens, state.factors.num_slots, x.device)
-        factors = state.factors
-
+        found = self.operands(layer, state, num_tokens, x.device)
+        if found is None:
+            return None
+        factors, lanes = found
         base_bias = _base_bias(layer, factors)
 
         def post(_, x, out):
@@ -83,8 +103,11 @@ class TritonLayout(Layout):
         if not state.present:
             return out
         num_tokens = ids.numel()
-        lanes = self.lanes(num_tokens, state.factors.num_slots, out.device)
-        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), state.factors,
+        found = self.operands(layer, state, num_tokens, out.device)
+        if found is None:
+            return out
+        factors, lanes = found
+        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors,
                                             lanes, getattr(layer.base_layer, "embed_scale", None))
         return y.view(out.shape)
 
@@ -93,11 +116,21 @@ def _no_pre(x):
     return None
 
 
+def _rows(state, slots: tuple[int, ...], device: torch.device) -> Factors:
+    return state.rows_of(slots)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
+    def __init__(self) -> None:
+        self.gathered = Gathered(_rows)
+
     def prepare(self, plan) -> TritonLayout:
-        return TritonLayout(plan)
+        return TritonLayout(plan, self.gathered)
+
+    def forget(self) -> None:
+        self.gathered.clear()
 
     def traced_inputs(self, layout, num_tokens, bank_sizes, device, buffers):
         """``(((T, S), Lanes), ...)`` for every bank size and each token count a layer may see (all
@@ -122,8 +155,8 @@ class TritonBackend(Backend):
             return out
         k = x.shape[-1]
         num_tokens = x.numel() // k
-        factors = layer.bank.factors
-        lanes = _find(entries, num_tokens, factors.a.shape[0])
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        lanes = None if factors is None else _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_linear(layer, x, out)
         y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes, inplace=True,
@@ -137,8 +170,8 @@ class TritonBackend(Backend):
         if not entries:
             return out
         num_tokens = ids.numel()
-        factors = layer.bank.factors
-        lanes = _find(entries, num_tokens, factors.a.shape[0])
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        lanes = None if factors is None else _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_embedding(layer, ids, out)
         y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors, lanes,
