@@ -149,14 +149,14 @@ class TritonBackend(Backend):
 
     def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         entries = layer.router.traced.inputs
-        if entries is None:  # a forward the top-level hook did not plan
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        if entries is None or factors is None:  # a forward the top-level hook did not plan, or several ranks
             return _eager_linear(layer, x, out)
         if not entries:  # a forward without adapters
             return out
         k = x.shape[-1]
         num_tokens = x.numel() // k
-        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
-        lanes = None if factors is None else _find(entries, num_tokens, factors.a.shape[0])
+        lanes = _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_linear(layer, x, out)
         y = triton_ops.lora_delta(x.reshape(num_tokens, k), out.reshape(num_tokens, -1), factors, lanes, inplace=True,
@@ -165,13 +165,13 @@ class TritonBackend(Backend):
 
     def traced_embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         entries = layer.router.traced.inputs
-        if entries is None:
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        if entries is None or factors is None:
             return _eager_embedding(layer, ids, out)
         if not entries:
             return out
         num_tokens = ids.numel()
-        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
-        lanes = None if factors is None else _find(entries, num_tokens, factors.a.shape[0])
+        lanes = _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_embedding(layer, ids, out)
         y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors, lanes,
