@@ -297,9 +297,10 @@ class AdapterBank:
             size = need  # copied anyway: fit it
         else:
             size = have
-        with_bias = (lora is not None and lora.bias is not None) or bool(st.with_bias.intersection(rows.keys() - {slot})) \
+        others = rows.keys() - {slot}
+        with_bias = (lora is not None and lora.bias is not None) or bool(st.with_bias & others) \
             or (self.fixed and f.bias is not None)
-        with_mag = (lora is not None and lora.mag is not None) or bool(st.dora.intersection(rows.keys() - {slot})) \
+        with_mag = (lora is not None and lora.mag is not None) or bool(st.dora & others) \
             or (self.fixed and f.mag is not None)
         if moves is None and (size, rank) == (have, c.rank) and with_bias == (f.bias is not None) \
                 and with_mag == (f.mag is not None):

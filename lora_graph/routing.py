@@ -268,7 +268,8 @@ class RoutingPlan:
             f"{sum(self.lengths)} tokens in {runs} runs"
         )
 
-    def lanes(self, num_tokens: int, num_slots: int, device: torch.device, rows: tuple[int, ...] | None = None) -> Lanes:
+    def lanes(self, num_tokens: int, num_slots: int, device: torch.device,
+              rows: tuple[int, ...] | None = None) -> Lanes:
         """Every (token, slot, weight) of the plan for a layer of ``num_tokens`` tokens, in the
         kernels' layout for a bank of ``num_slots`` slots (kernels/lanes.py): each token takes its
         run's weighted set, padded with slot -1 to a power of two of passes, so mixtures of
