@@ -234,3 +234,31 @@ def test_a_compiled_model_over_several_rank_classes_stays_exact(pristine, ranked
     for spec in (["r1", "r64", None], [{"r1": 1.0, "b4": -0.5}, "b4", "r64"]):
         with lm.use(spec), torch.no_grad():
             assert torch.equal(compiled(input_ids=ids).logits, model(input_ids=ids).logits), spec
+
+
+def test_a_load_failing_mid_write_leaves_every_rank_storage_as_it_was(pristine, ranked, monkeypatch):
+    """A load whose copy into the banks fails (after its new rank's storage was made) leaves every
+    bank's classes, rows and tensors as they were, and the outputs too."""
+    lm = lora_graph.wrap(copy.deepcopy(pristine))
+    for name in ("r1", "r64", "b4"):
+        lm.load_adapter(name, ranked[name])
+    ids = token_ids(3, 4, seed=23)
+    spec = ["r1", "r64", {"r1": 1.0, "b4": 2.0}]
+    before = logits(lm, ids, spec)
+    banks = lm._patched.banks
+
+    def layout():
+        return {n: [(c.rank, dict(c.rows), c.identity, [None if t is None else (t.data_ptr(), t.shape) for t in c.factors])
+                    for c in b.state.classes] for n, b in banks.items()}
+
+    was, memory = layout(), lm.memory()
+
+    def broken(dst, src):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        lm.load_adapter("r16", ranked["r16"])
+    monkeypatch.undo()
+    assert "r16" not in lm.resident and layout() == was and lm.memory() == memory
+    assert torch.equal(logits(lm, ids, spec), before)
