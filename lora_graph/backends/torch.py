@@ -157,7 +157,8 @@ class Operands:
 
 def gather(state, slots: tuple[int, ...], device: torch.device):
     """``(a, b, bias, scale, mag)`` of ``slots`` from a bank state, cut to their largest rank (so
-    the bits of a result never depend on which other adapters were loaded before). With a DoRA slot
+    the bits of a result never depend on which other adapters were loaded before, nor on which
+    rank's storage each slot sits in). With a DoRA slot
     among them, ``mag`` is their ``g`` ``(D, N)`` (1 for LoRA slots) and B's rows (and the bias) come
     scaled by it, in fp32; otherwise ``mag`` is None."""
     factors = state.factors

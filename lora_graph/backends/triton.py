@@ -6,6 +6,12 @@
 A bank holding a DoRA slot has ``factors.mag``; the layer then passes its base layer's bias too,
 and the expand applies each slot's ``g`` in its epilogue (kernels/expand.py).
 
+A bank holding several ranks keeps one storage per rank and no slot-indexed ``factors``
+(lora_graph/bank.py). Its layers run the same two launches on the rows of the slots the plan uses,
+gathered into one record once per bank state and slot set (the torch backend's ``Gathered``), with
+the lanes' slots renumbered to those rows: the kernels stay the ones above, and the memory stays
+per rank. Under torch.compile such a layer takes the eager branch.
+
 One lane layout serves every layer of a forward that sees ``T`` tokens and whose bank has ``S``
 slots: it covers every slot the request uses, and a slot a module does not hold has rank 0 there
 and adds nothing. So the layout is built once per forward shape, not per layer, and layers traced
