@@ -4,15 +4,16 @@ A Llama-shaped base from a config (hidden 512, intermediate 1408, 4 layers, voca
 random weights: only the module shapes matter here), with PEFT adapters on q_proj, k_proj, v_proj
 and o_proj written straight to safetensors files (random factors). ``lm.memory()["device"]`` gives
 ``slot_buffers`` (the banks' stacked storage) and ``adapters`` (the bytes of the factors the
-resident adapters hold); their ratio is the overhead. Two cases, with ``max_loaded=None`` and no
-``max_rank`` (nothing preallocated, nothing declared):
+resident adapters hold); their ratio is the overhead, and ``rank_classes`` splits the slot buffers
+by rank. Two cases, with ``max_loaded=None`` and no ``max_rank`` (nothing preallocated, nothing
+declared):
 
 - unload: an r=4 adapter, then an r=128 one beside it, then the r=128 one unloaded;
 - many: 200 r=1 adapters plus one r=64 adapter, then the r=64 one unloaded.
 
-The banks keep one rank dimension per module, so while adapters of very different ranks are
-resident together every slot is as wide as the largest: "many" with the r=64 adapter resident is
-that layout's cost. Once it is unloaded the banks shrink back (lora_graph/bank.py).
+Each bank keeps one storage per rank (lora_graph/bank.py), so adapters of very different ranks
+resident together cost their own bytes: the only overhead left is the tenth of rows a storage grows
+by at a time (the 200 r=1 rows), and it stays when the r=64 storage goes.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--out benchmarks/results/memory.json]
 """
@@ -61,7 +62,8 @@ def write_adapter(model, folder: Path, rank: int, seed: int) -> str:
 def snapshot(lm) -> dict:
     device = lm.memory()["device"]
     return {"slot_buffers": device["slot_buffers"], "adapters": device["adapters"], "resident": device["resident"],
-            "ratio": round(device["slot_buffers"] / device["adapters"], 3) if device["adapters"] else None}
+            "ratio": round(device["slot_buffers"] / device["adapters"], 3) if device["adapters"] else None,
+            "rank_classes": device["rank_classes"]}
 
 
 def case_unload(model, root: Path) -> dict:

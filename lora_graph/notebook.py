@@ -58,6 +58,13 @@ def spec_label(spec) -> str:
     raise TypeError(f"expected None, an adapter name or a {{name: weight}} mapping, got {type(spec).__name__}")
 
 
+def _by_rank(classes: dict[int, int]) -> list[tuple[str, str]]:
+    """The slot buffers of each rank (``r=1: 12.0 MiB, r=64: 4.0 MiB``), when the banks hold several."""
+    if len(classes) < 2:
+        return []
+    return [("by rank", ", ".join(f"r={rank}: {readable_bytes(n)}" for rank, n in classes.items()))]
+
+
 def readable_bytes(n: int | None) -> str:
     if n is None:
         return "–"
@@ -381,6 +388,7 @@ def wrapper_html(lm, max_rows: int = 24) -> str:
     slots = f"{dev['resident']} of {dev['max_loaded'] or 'unbounded'}"
     memory = [
         ("device slot buffers", readable_bytes(dev["slot_buffers"])),
+        *_by_rank(dev.get("rank_classes") or {}),
         ("resident adapters", f"{readable_bytes(dev['adapters'])} in {slots} slots"),
         ("host cache", "off" if host["max_cpu"] == 0 else
          f"{readable_bytes(host['cache'])}, {host['cached']} of {host['max_cpu'] or 'unbounded'} adapters"),

@@ -334,8 +334,17 @@ class PatchedModules:
     def nbytes(self) -> int:
         return sum(bank.nbytes for bank in self.banks.values())
 
+    def class_nbytes(self) -> dict[int, int]:
+        """rank -> the bytes of that rank's storage, over every bank."""
+        out: dict[int, int] = {}
+        for bank in self.banks.values():
+            for rank, nbytes in bank.class_nbytes().items():
+                out[rank] = out.get(rank, 0) + nbytes
+        return dict(sorted(out.items()))
+
     def bank_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted({bank.factors.num_slots for bank in self.banks.values()}))
+        # a bank of several rank classes has no slot-indexed storage for traced layers to read
+        return tuple(sorted({bank.factors.num_slots for bank in self.banks.values() if bank.factors is not None}))
 
     def unpatch(self) -> None:
         """Every original module back; the banks are dropped."""

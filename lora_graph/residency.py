@@ -169,6 +169,7 @@ class Residency:
         return {
             "device": {
                 "slot_buffers": self.patched.nbytes,
+                "rank_classes": self.patched.class_nbytes(),  # rank -> bytes of that rank's storage
                 "adapters": sum(self.patched.slot_nbytes(s) for s in self.slots.occupied()),
                 "resident": len(self.slots.resident),
                 "max_loaded": self.slots.capacity,

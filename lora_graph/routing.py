@@ -268,19 +268,22 @@ class RoutingPlan:
             f"{sum(self.lengths)} tokens in {runs} runs"
         )
 
-    def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
+    def lanes(self, num_tokens: int, num_slots: int, device: torch.device,
+              rows: tuple[int, ...] | None = None) -> Lanes:
         """Every (token, slot, weight) of the plan for a layer of ``num_tokens`` tokens, in the
         kernels' layout for a bank of ``num_slots`` slots (kernels/lanes.py): each token takes its
         run's weighted set, padded with slot -1 to a power of two of passes, so mixtures of
-        other sizes mostly keep the layout's shapes."""
+        other sizes mostly keep the layout's shapes. ``rows``: the slots of a gathered bank's rows,
+        in order; each lane then names its slot's row (slots not among them are dropped)."""
         lengths = self.run_lengths(num_tokens)
         passes = 1 << max(self.max_lanes - 1, 0).bit_length()
         runs = len(self.sets)
         slot = torch.full((runs, passes), -1, dtype=torch.int64)  # (G, P)
         weight = torch.zeros(runs, passes, dtype=torch.float32)  # (G, P)
+        at = None if rows is None else {s: i for i, s in enumerate(rows)}
         for run, lanes in enumerate(self.sets):
             for p, (s, w) in enumerate(lanes):
-                slot[run, p], weight[run, p] = s, w
+                slot[run, p], weight[run, p] = s if at is None else at.get(s, -1), w
         of = torch.repeat_interleave(torch.arange(runs), torch.tensor(lengths))  # (T,) each token's run
         token = torch.arange(num_tokens).unsqueeze(1).expand(num_tokens, passes)  # (T, P)
         return build_lanes(upload(token.reshape(-1), device), upload(slot[of].reshape(-1), device),

@@ -172,7 +172,10 @@ def test_triton_layers_compile_into_the_graph_without_recompiling(pristine, save
 
 
 def test_triton_embedding_and_linear_layers_compile_into_the_graph(tmp_path):
-    """Gemma (embed_scale) with embedding and attention adapters: the embedding op is traced too."""
+    """Gemma (embed_scale) with embedding and attention adapters: the embedding op is traced too.
+    The embedding bank holds an r=4 and an r=2 adapter: the declared ``max_rank`` keeps it one
+    slot-indexed storage, which traced layers read (without it each rank has its own, read by the
+    eager branch: bank.py)."""
     pristine = tiny_model("gemma")
     paths = {
         "e": save_adapter(pristine, adapter_dir(tmp_path, "e"), target_modules=["embed_tokens", "q_proj", "v_proj"],
@@ -181,7 +184,7 @@ def test_triton_embedding_and_linear_layers_compile_into_the_graph(tmp_path):
                           lora_alpha=8, seed=4),
     }
     model = copy.deepcopy(pristine)
-    lm = lora_graph.wrap(model, backend="triton", max_loaded=2)
+    lm = lora_graph.wrap(model, backend="triton", max_loaded=2, max_rank=4)
     for name, path in paths.items():
         lm.load_adapter(name, path)
     torch._dynamo.reset()

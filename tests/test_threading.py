@@ -276,8 +276,8 @@ def test_change_while_a_generate_runs_in_another_thread(pristine, old_new, op):
 
 def test_load_committed_while_a_forward_reads_the_bank(pristine, old_new, monkeypatch):
     """A forward of ``side`` (r=2 on q_proj, beside an r=8 adapter) reads q_proj's bank; right
-    after it has gathered A, another thread loads an r=16 adapter into the same bank, which grows
-    its rank. The scheduling
+    after it has gathered A, another thread loads an r=16 adapter into the same bank, which adds
+    a storage of that rank (each rank has its own). The scheduling
     point is made deterministic by a wrapper around ``Tensor.index_select`` that runs the other
     thread to completion there; without it the same interleaving happens when the GIL is handed
     over inside index_select. The running forward and the next ones must still give ``side``'s
@@ -295,7 +295,7 @@ def test_load_committed_while_a_forward_reads_the_bank(pristine, old_new, monkey
 
     def index_select(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        if self is bank.factors.a and not interleaved:
+        if any(self is c.factors.a for c in bank.state.classes) and not interleaved:
             interleaved.append(True)
             loader = Worker(lambda: lm.load_adapter("big", old_new["big"]))
             loader.start()

@@ -97,9 +97,11 @@ def make_loras(k: int, n: int, bias: bool, seed: int = 0) -> list[ModuleLora]:
     return loras
 
 
-def make_bank(loras: list[ModuleLora], k: int, n: int, dtype: torch.dtype) -> AdapterBank:
-    bank = AdapterBank(k, n, CPU, dtype)
-    for slot, lora in enumerate(loras):  # ranks grow and shrink: the bank re-pads as it goes
+def make_bank(loras: list[ModuleLora], k: int, n: int, dtype: torch.dtype, padded: bool = True) -> AdapterBank:
+    """``padded``: one storage of the largest rank, indexed by slot (a declared ``max_rank``), which
+    kernels/reference.py reads whole; else one storage per rank (bank.py)."""
+    bank = AdapterBank(k, n, CPU, dtype, keep=(0, max(RANKS) if padded else 0))
+    for slot, lora in enumerate(loras):
         bank.commit(bank.stage(slot, lora))
     return bank
 
@@ -592,3 +594,33 @@ def test_bank_resets_g_when_a_lora_adapter_reuses_a_dora_slot():
     loras[0] = plain
     torch.testing.assert_close(grouped_delta(x, base, ops, grid)[:2],
                                per_token(rows[:1], loras, x[:2], base[:2], torch.float32, torch.float32))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_rank_classes_gather_what_one_padded_storage_gathers(dora):
+    """A bank with one storage per rank (no slot-indexed ``factors``) gathers, for any set of
+    slots, bit for bit what one storage padded to the largest rank gathers; and after slots of
+    some ranks leave (classes dropped or packed), it still does."""
+    k, n = 40, 24
+    loras = make_dora_loras(k, n, bias=True) if dora else make_loras(k, n, bias=True)
+    padded, classed = make_bank(loras, k, n, torch.float32), make_bank(loras, k, n, torch.float32, padded=False)
+    assert classed.factors is None and sorted(c.rank for c in classed.state.classes) == sorted(set(RANKS))
+    assert classed.nbytes == sum(classed.slot_nbytes(s) for s in range(len(RANKS)))  # exact ranks: no padding
+    assert padded.nbytes > 2 * classed.nbytes
+
+    def same(slot_sets):
+        for slots in slot_sets:
+            want, got = gather(padded.state, slots, CPU), gather(classed.state, slots, CPU)
+            for w, g in zip(want, got):
+                assert (w is None) == (g is None), slots
+                if w is not None:
+                    assert w.shape == g.shape and torch.equal(w, g), slots
+
+    same([(0,), (2,), (1, 3, 6), (7, 2, 0), tuple(range(len(RANKS)))])
+    for slot in (2, 5, 4):  # both rank-16 slots (a class goes) and the rank-3 one
+        padded.remove(slot)
+        classed.remove(slot)
+        padded.compact()
+        classed.compact()
+    assert 16 not in {c.rank for c in classed.state.classes}
+    same([(0,), (1, 3, 6), (7, 0), (0, 1, 3, 6, 7)])

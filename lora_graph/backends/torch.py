@@ -157,12 +157,16 @@ class Operands:
 
 def gather(state, slots: tuple[int, ...], device: torch.device):
     """``(a, b, bias, scale, mag)`` of ``slots`` from a bank state, cut to their largest rank (so
-    the bits of a result never depend on which other adapters were loaded before). With a DoRA slot
+    the bits of a result never depend on which other adapters were loaded before, nor on which
+    rank's storage each slot sits in). With a DoRA slot
     among them, ``mag`` is their ``g`` ``(D, N)`` (1 for LoRA slots) and B's rows (and the bias) come
     scaled by it, in fp32; otherwise ``mag`` is None."""
     factors = state.factors
     r = max(state.rank[s] for s in slots)
-    idx = torch.tensor(slots, dtype=torch.int64, device=device)
+    rows = slots
+    if factors is None:  # a bank of several rank classes: their rows, one per slot, in order
+        factors, rows = state.rows_of(slots), range(len(slots))
+    idx = torch.tensor(rows, dtype=torch.int64, device=device)
     # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as Aᵀ
     # (D, K, r): the batched GEMMs then read row-major operands, which is faster on CPU. One slot
     # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
@@ -501,14 +505,15 @@ class Gathered:
 
     PER_LAYER = 4
 
-    def __init__(self) -> None:
+    def __init__(self, gather=gather) -> None:
+        self._gather = gather  # (state, slots, device) -> what a forward reads
         self._entries: dict = {}  # layer -> {slots: (state, gathered)}, oldest first
 
     def get(self, layer, state, slots: tuple[int, ...]):
         entries = self._entries.setdefault(layer, {})
         entry = entries.get(slots)
         if entry is None or entry[0] is not state:
-            entry = (state, gather(state, slots, layer.bank.device))
+            entry = (state, self._gather(state, slots, layer.bank.device))
             if len(entries) >= self.PER_LAYER:
                 entries.pop(next(iter(entries)), None)
             entries[slots] = entry

@@ -6,6 +6,12 @@
 A bank holding a DoRA slot has ``factors.mag``; the layer then passes its base layer's bias too,
 and the expand applies each slot's ``g`` in its epilogue (kernels/expand.py).
 
+A bank holding several ranks keeps one storage per rank and no slot-indexed ``factors``
+(lora_graph/bank.py). Its layers run the same two launches on the rows of the slots the plan uses,
+gathered into one record once per bank state and slot set (the torch backend's ``Gathered``), with
+the lanes' slots renumbered to those rows: the kernels stay the ones above, and the memory stays
+per rank. Under torch.compile such a layer takes the eager branch.
+
 One lane layout serves every layer of a forward that sees ``T`` tokens and whose bank has ``S``
 slots: it covers every slot the request uses, and a slot a module does not hold has rank 0 there
 and adds nothing. So the layout is built once per forward shape, not per layer, and layers traced
@@ -26,8 +32,10 @@ from __future__ import annotations
 import torch
 
 from ..kernels import triton_ops
+from ..kernels.factors import Factors
 from ..kernels.lanes import Lanes
 from .base import Backend, Layout
+from .torch import Gathered
 
 
 def _fixed(lanes: Lanes, buffers: dict, key) -> Lanes:
@@ -48,26 +56,44 @@ def _fixed(lanes: Lanes, buffers: dict, key) -> Lanes:
 
 
 class TritonLayout(Layout):
-    """Lanes by (token count, bank size, device)."""
+    """Lanes by (token count, bank size or used slots, device). A bank of several rank classes
+    (no ``factors``, bank.py) is read through the rows of the slots the plan uses, gathered once
+    per bank state and slot set (``gathered``), with the lanes' slots renumbered to those rows."""
 
-    def __init__(self, plan) -> None:
+    def __init__(self, plan, gathered: Gathered) -> None:
         super().__init__(plan)
         self._lanes: dict = {}
+        self._gathered = gathered
 
-    def lanes(self, num_tokens: int, num_slots: int, device: torch.device) -> Lanes:
+    def lanes(self, num_tokens: int, num_slots: int | tuple, device: torch.device) -> Lanes:
+        """``num_slots``: the bank's slot count, or the slots whose rows a gathered bank holds."""
         key = (num_tokens, num_slots, device)
         try:
             return self._lanes[key]
         except KeyError:
-            lanes = self._lanes[key] = self.plan.lanes(num_tokens, num_slots, device)
+            if isinstance(num_slots, tuple):
+                lanes = self.plan.lanes(num_tokens, len(num_slots), device, rows=num_slots)
+            else:
+                lanes = self.plan.lanes(num_tokens, num_slots, device)
+            self._lanes[key] = lanes
             return lanes
+
+    def operands(self, layer, state, num_tokens: int, device: torch.device) -> tuple[Factors, Lanes] | None:
+        """The factors a layer's kernels read and their lanes; None when no lane uses the bank."""
+        if state.factors is not None:
+            return state.factors, self.lanes(num_tokens, state.factors.num_slots, device)
+        used = tuple(sorted({s for lanes in self.plan.sets for s, _ in lanes if s in state.present}))
+        if not used:
+            return None
+        return self._gathered.get(layer, state, used), self.lanes(num_tokens, used, device)
 
     def bind(self, layer, state, x: torch.Tensor):
         k = x.shape[-1]
         num_tokens = x.numel() // k if k else 0
-        lanes = self.lanes(num_tokens, state.factors.num_slots, x.device)
-        factors = state.factors
-
+        found = self.operands(layer, state, num_tokens, x.device)
+        if found is None:
+            return None
+        factors, lanes = found
         base_bias = _base_bias(layer, factors)
 
         def post(_, x, out):
@@ -83,8 +109,11 @@ class TritonLayout(Layout):
         if not state.present:
             return out
         num_tokens = ids.numel()
-        lanes = self.lanes(num_tokens, state.factors.num_slots, out.device)
-        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), state.factors,
+        found = self.operands(layer, state, num_tokens, out.device)
+        if found is None:
+            return out
+        factors, lanes = found
+        y = triton_ops.lora_embedding_delta(ids.reshape(num_tokens), out.reshape(num_tokens, -1), factors,
                                             lanes, getattr(layer.base_layer, "embed_scale", None))
         return y.view(out.shape)
 
@@ -93,11 +122,21 @@ def _no_pre(x):
     return None
 
 
+def _rows(state, slots: tuple[int, ...], device: torch.device) -> Factors:
+    return state.rows_of(slots)
+
+
 class TritonBackend(Backend):
     name = "triton"
 
+    def __init__(self) -> None:
+        self.gathered = Gathered(_rows)
+
     def prepare(self, plan) -> TritonLayout:
-        return TritonLayout(plan)
+        return TritonLayout(plan, self.gathered)
+
+    def forget(self) -> None:
+        self.gathered.clear()
 
     def traced_inputs(self, layout, num_tokens, bank_sizes, device, buffers):
         """``(((T, S), Lanes), ...)`` for every bank size and each token count a layer may see (all
@@ -116,13 +155,13 @@ class TritonBackend(Backend):
 
     def traced_linear(self, layer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         entries = layer.router.traced.inputs
-        if entries is None:  # a forward the top-level hook did not plan
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        if entries is None or factors is None:  # a forward the top-level hook did not plan, or several ranks
             return _eager_linear(layer, x, out)
         if not entries:  # a forward without adapters
             return out
         k = x.shape[-1]
         num_tokens = x.numel() // k
-        factors = layer.bank.factors
         lanes = _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_linear(layer, x, out)
@@ -132,12 +171,12 @@ class TritonBackend(Backend):
 
     def traced_embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         entries = layer.router.traced.inputs
-        if entries is None:
+        factors = layer.bank.factors  # None: several rank classes, read by the eager branch
+        if entries is None or factors is None:
             return _eager_embedding(layer, ids, out)
         if not entries:
             return out
         num_tokens = ids.numel()
-        factors = layer.bank.factors
         lanes = _find(entries, num_tokens, factors.a.shape[0])
         if lanes is None or factors.a.device != out.device:
             return _eager_embedding(layer, ids, out)
