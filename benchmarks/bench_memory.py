@@ -66,28 +66,31 @@ def snapshot(lm) -> dict:
             "rank_classes": device["rank_classes"]}
 
 
-def case_unload(model, root: Path) -> dict:
+def measure(model, load_small, big: str, big_path: str) -> tuple[dict, dict, dict]:
+    """Snapshots with what ``load_small(lm)`` loads, with adapter ``big`` beside it, and after
+    unloading ``big``."""
     lm = lora_graph.wrap(model, progress=False)
-    lm.load_adapter("r4", write_adapter(model, root / "r4", 4, 1))
-    alone = snapshot(lm)
-    lm.load_adapter("r128", write_adapter(model, root / "r128", 128, 2))
+    load_small(lm)
+    small = snapshot(lm)
+    lm.load_adapter(big, big_path)
     both = snapshot(lm)
-    lm.unload_adapter("r128")
+    lm.unload_adapter(big)
     after = snapshot(lm)
     lm.unwrap()
+    return small, both, after
+
+
+def case_unload(model, root: Path) -> dict:
+    r4 = write_adapter(model, root / "r4", 4, 1)
+    alone, both, after = measure(model, lambda lm: lm.load_adapter("r4", r4), "r128",
+                                 write_adapter(model, root / "r128", 128, 2))
     return {"r4_alone": alone, "with_r128": both, "r128_unloaded": after}
 
 
 def case_many(model, root: Path, count: int) -> dict:
-    lm = lora_graph.wrap(model, progress=False)
     one = write_adapter(model, root / "r1", 1, 3)  # the same files under many names: only bytes matter
-    lm.load_adapters({f"u{i:03d}": one for i in range(count)})
-    small = snapshot(lm)
-    lm.load_adapter("r64", write_adapter(model, root / "r64", 64, 4))
-    both = snapshot(lm)
-    lm.unload_adapter("r64")
-    after = snapshot(lm)
-    lm.unwrap()
+    small, both, after = measure(model, lambda lm: lm.load_adapters({f"u{i:03d}": one for i in range(count)}),
+                                 "r64", write_adapter(model, root / "r64", 64, 4))
     return {f"{count}_r1": small, "with_r64": both, "r64_unloaded": after}
 
 
