@@ -221,7 +221,7 @@ def test_unload_frees_what_the_last_forward_gathered(adapter_dirs):
     logits(lm, token_ids(4, 1, seed=3), adapters=["a", "b", "b", "a"])
     probe.handle.remove()
     assert probe.bound()[3] is not None
-    ((slots, (state, (a, b, *_))),) = lm.router.backend.gathered._entries[layer].items()  # what it gathered
+    ((slots, (state, (a, b, *_))),) = lm.router.backend.gathered._entries[(layer, False)].items()  # a set of two slots
     assert len(slots) == 2 and state is layer.bank.state
     gathered = [weakref.ref(a), weakref.ref(b)]
     del a, b, state, probe

@@ -104,6 +104,43 @@ def test_packed_sequences_match_each_sequence_alone(saved, arch, backend):
         start += n
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompt_among_decode_tokens_matches_peft(saved, arch, monkeypatch):
+    """A continuous-batching step's shape: one prompt of 40 tokens among one-token sequences of
+    other adapters and the base. The torch backend then computes the prompt's adapter as a block
+    of its own (less padding); every sequence equals PEFT on that sequence alone."""
+    from peft import PeftModel  # noqa: F401  (the oracle below)
+    from helpers import peft_oracle
+
+    from lora_graph.backends import torch as torch_backend
+
+    model, paths = saved[arch]
+    lm = wrapped(saved, arch, "torch")
+    lm.load_adapter("a2", paths["a"])
+    lm.load_adapter("b2", paths["b"])
+    splits = []
+    split = torch_backend.split_slots
+    monkeypatch.setattr(torch_backend, "split_slots", lambda grid: splits.append(split(grid)) or splits[-1])
+    lengths = [40, 1, 1, 1, 1, 1, 1]
+    specs = ["a", "b", "a2", "b2", None, "b", "a2"]
+    seqs, inputs = packed_inputs(lengths)
+    oracle = peft_oracle(model, {"a": paths["a"], "b": paths["b"]})
+    with torch.no_grad():
+        packed = lm(**inputs, adapters=Packed(lengths=lengths, adapters=specs)).logits[0]
+        start = 0
+        for i, (n, spec) in enumerate(zip(lengths, specs)):
+            if spec is None:
+                with oracle.disable_adapter():
+                    want = oracle(input_ids=seqs[i]).logits[0]
+            else:
+                oracle.set_adapter(spec.rstrip("2"))
+                want = oracle(input_ids=seqs[i]).logits[0]
+            torch.testing.assert_close(packed[start:start + n], want, atol=ATOL32, rtol=0,
+                                       msg=lambda m: f"sequence {i} ({spec}): {m}")
+            start += n
+    assert any(parts is not None and len(parts[0]) == 1 for parts in splits), "no layer split off the prompt"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_length_mismatch_fails_before_any_compute(saved, backend):
     lm = wrapped(saved, "llama", backend)

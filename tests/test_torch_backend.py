@@ -288,8 +288,9 @@ def test_scatter_by_inverse_matches_index_add(kind):
 
 
 def test_grid_strides_only_for_strided_views_of_the_tokens():
-    """A decode step's grid records ``(offset, step_d, step_m)`` exactly when lane (d, m) is token
-    ``offset + d*step_d + m*step_m``: rows grouped by adapter or interleaved with a period."""
+    """A grid records ``(offset, step_d, step_m)`` exactly when lane (d, m) is token
+    ``offset + d*step_d + m*step_m``, with no padding lane and no token in two lanes: rows grouped
+    by adapter or interleaved with a period, one token per row or several."""
     def strides(rows, per_row=1):
         return build_grid(RoutingPlan(rows), len(rows) * per_row, frozenset({0, 1, 2}), CPU).strides
 
@@ -298,8 +299,59 @@ def test_grid_strides_only_for_strided_views_of_the_tokens():
     assert strides((one, two, three, one, two, three)) == (0, 1, 3)  # interleaved
     assert strides((two, two, one, one)) is None  # the slots' blocks run backwards
     assert strides((one, two, two, one)) is None  # a permutation, not a strided view
-    assert strides((one, one, two, two), per_row=2) is None  # not a decode step
+    assert strides((one, one, two, two), per_row=2) == (0, 4, 1)  # prompts grouped by adapter
+    assert strides((one, two, one, two), per_row=2) is None  # each slot's tokens are two blocks
     assert strides((one, one, two)) is None  # unequal groups: padding lanes
+    both = ((0, 1.0), (1, 0.5))
+    assert strides((both, both)) is None  # every token in two lanes (an affine view with step_d 0)
+
+
+def test_split_slots_only_where_padding_dominates():
+    """A prompt of one adapter among single decode tokens of others splits into two blocks of
+    lanes, the prompt's slot alone; a decode step with uneven groups does not (the extra block
+    costs more than the padding it saves)."""
+    prompt = RoutingPlan.from_runs([40] + [1] * 14, [((0, 1.0),)] + [(((i % 7) + 1, 1.0),) for i in range(14)],
+                                   num_tokens=54)
+    grid = build_grid(prompt, 54, frozenset(range(8)), CPU)
+    assert grid.counts == (40,) + (2,) * 7 and grid.weight.shape == (8, 40)
+    assert torch_backend.split_slots(grid) == (frozenset({0}), frozenset(range(1, 8)))
+    block = build_grid(prompt, 54, frozenset({0}), CPU)
+    assert block.strides == (0, 0, 1)  # the prompt's own tokens, read in place
+    rest = torch_backend.without_lanes(grid, frozenset({0}))
+    assert rest.slots == grid.slots and rest.weight.shape == (8, 2)  # the same gathered factors serve it
+    token = rest.token.view(8, 2)
+    assert torch.equal(token[0], torch.zeros(2, dtype=torch.int64)) and not rest.weight[0].any()  # padding on a prompt token
+    assert torch.equal(token[1:], grid.token.view(8, 40)[1:, :2]) and torch.equal(rest.weight[1:], grid.weight[1:, :2])
+    decode = RoutingPlan(tuple(((i % 5, 1.0),) for i in range(16)))  # counts 4, 3, 3, 3, 3
+    assert torch_backend.split_slots(build_grid(decode, 16, frozenset(range(8)), CPU)) is None
+
+
+@pytest.mark.parametrize("per_row_shape", [False, True], ids=["TK", "1TK"])
+def test_split_blocks_add_what_one_grid_adds(per_row_shape):
+    """The two blocks' bound branches, chained as a layer binds them, give each token its own
+    lanes: the reference per token within 1e-5, and tokens of no adapter exactly the base."""
+    k, n = 48, 40
+    loras = make_loras(k, n, bias=False)
+    bank = make_bank(loras, k, n, torch.float32)
+    sets = [((0, 0.5),)] + [((((i % 7) + 1, 1.0),) if i % 5 else ()) for i in range(14)]  # 3 base tokens
+    plan = RoutingPlan.from_runs([40] + [1] * 14, sets, num_tokens=54)
+    g = torch.Generator().manual_seed(3)
+    x, base = torch.randn(54, k, generator=g), torch.randn(54, n, generator=g)
+    shape = (1, 54, k) if per_row_shape else (54, k)
+    whole = build_grid(plan, 54, bank.present, CPU)
+    parts = torch_backend.split_slots(whole)
+    assert parts is not None
+    bound = []
+    for block in (build_grid(plan, 54, parts[0], CPU), torch_backend.without_lanes(whole, parts[0])):
+        bound.append(torch_backend.bind(operands(gather(bank.state, block.slots, CPU), bank.state, block), block,
+                                        torch.Size(shape)))
+    pre, post = torch_backend._chain(bound)
+    got = post(pre(x.view(shape)), x.view(shape), base.clone().view(*shape[:-1], n)).view(54, n)
+    spec = reference.lora_delta(x, base, bank.factors, plan.lanes(54, bank.factors.num_slots, CPU))
+    torch.testing.assert_close(got, spec, rtol=1e-5, atol=1e-5)
+    plain = [40 + i for i in range(14) if i % 5 == 0]  # the decode tokens of no adapter
+    assert torch.equal(got[plain], base[plain])
+    assert (got - base).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("early", [True, False], ids=["before-base", "after-base"])

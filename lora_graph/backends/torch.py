@@ -74,6 +74,7 @@ class Grid:
     run_weight: torch.Tensor | None = None  # (G, D) fp32, the weight of slot d in run g's set (0: not in it)
     run_length: int | None = None  # L when every run has L tokens, so (T, N) views as (G, L, N)
     run_index: torch.Tensor | None = None  # (T,) int64, each token's run, when run lengths differ
+    counts: tuple[int, ...] = ()  # (D,) the real lanes of each slot (M is their largest)
 
 
 def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.device) -> Grid | None:
@@ -118,12 +119,59 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
         ordered, lane = torch.sort(token)
         if torch.equal(ordered, torch.arange(num_tokens)):
             inverse = upload(lane, device)
-            strides = _strides(token.view(len(slots), width))
+    # lanes without padding, each on a token of its own, laid out as a strided view of the tokens
+    # (rows grouped by adapter, interleaved with a fixed period, or one packed sequence's run)
+    if not identity and token.numel() == total and torch.unique(token).numel() == total:
+        strides = _strides(token.view(len(slots), width))
     run_weight = torch.zeros(len(lengths), len(slots)).index_put_((run, grp), lane_w, accumulate=True)  # (G, D)
     even = len(set(lengths)) == 1
     run_index = None if even else upload(torch.repeat_interleave(torch.arange(len(lengths)), run_len), device)
     return Grid(slots, upload(token, device), upload(weight, device), identity, uniform, inverse, strides,
-                upload(run_weight, device), lengths[0] if even else None, run_index)
+                upload(run_weight, device), lengths[0] if even else None, run_index, tuple(per_slot.tolist()))
+
+
+# An extra block of lanes costs a gather, two bmms and a scatter per layer: about what this many
+# padding lanes cost (each reads K and writes N values).
+_BLOCK_LANES = 32
+
+
+def split_slots(grid: Grid) -> tuple[frozenset[int], frozenset[int]] | None:
+    """The slots with many lanes and the others, when computing them as two blocks holds far
+    fewer padding lanes than ``grid``: a packed step where one request's prompt (many tokens of
+    one adapter) meets other requests' single decode tokens pads every slot to the prompt's
+    length. None when splitting does not pay for the extra block (at least ``_BLOCK_LANES``
+    lanes saved, and a quarter of the padded grid)."""
+    counts = grid.counts
+    if len(counts) < 2:
+        return None
+    order = sorted(range(len(counts)), key=lambda d: -counts[d])  # slots by lanes, most first
+    padded = len(counts) * max(counts)
+    best, cut = padded, None
+    for j in range(1, len(order)):  # the j slots with most lanes, then the rest
+        cost = j * counts[order[0]] + len(order) * counts[order[j]] + _BLOCK_LANES  # see without_lanes
+        if cost < best:
+            best, cut = cost, j
+    if cut is None or best > 0.75 * padded:
+        return None
+    return (frozenset(grid.slots[d] for d in order[:cut]), frozenset(grid.slots[d] for d in order[cut:]))
+
+
+def without_lanes(grid: Grid, heavy: frozenset[int]) -> Grid:
+    """``grid`` less the lanes of the ``heavy`` slots, cut to the others' widest row. The heavy
+    slots keep their rows, as padding on a token of their own (weight 0), so the grid has the
+    same slots in the same order as ``grid``: the factors gathered for it serve both."""
+    num_slots, width = grid.weight.shape
+    keep = [d for d, s in enumerate(grid.slots) if s not in heavy]
+    narrow = max(grid.counts[d] for d in keep)
+    token = grid.token.view(num_slots, width)[:, :narrow].clone()  # (D, M') each row's lanes come first
+    weight = grid.weight[:, :narrow].clone()
+    for d, s in enumerate(grid.slots):
+        if s in heavy:
+            token[d] = token[d, 0]  # its first lane is one of its own tokens
+            weight[d] = 0.0
+    counts = tuple(0 if s in heavy else c for s, c in zip(grid.slots, grid.counts))
+    return Grid(grid.slots, token.view(-1), weight, False, run_weight=grid.run_weight, run_length=grid.run_length,
+                run_index=grid.run_index, counts=counts)
 
 
 def _strides(token: torch.Tensor) -> tuple[int, int, int] | None:
@@ -405,7 +453,7 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
     def ready(x, base):
         return base.dtype == torch.float32 and not base.requires_grad and (flat or base.is_contiguous())
 
-    if grid.strides is not None and flat:
+    if grid.strides is not None:
         offset, step_d, step_m = grid.strides  # the lanes are a strided view of the tokens
 
         def grouped(x):
@@ -454,6 +502,21 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
     return gathered, scattered
 
 
+def _chain(bound: list):
+    """One ``(pre, post)`` for several blocks of lanes, each adding its own lanes to the output."""
+    pres, posts = [pre for pre, _ in bound], [post for _, post in bound]
+
+    def pre(x):
+        return [p(x) for p in pres]
+
+    def post(ys, x, base):
+        for y, p in zip(ys, posts):
+            base = p(y, x, base)
+        return base
+
+    return pre, post
+
+
 # -- the backend ----------------------------------------------------------------------------------------
 
 
@@ -479,11 +542,30 @@ class TorchLayout(Layout):
         return operands(self._gathered.get(layer, state, grid.slots), state, grid,
                         getattr(layer.base_layer, "bias", None))
 
+    def blocks(self, grid: Grid, num_tokens: int, present: frozenset[int], device: torch.device) -> tuple[Grid, ...]:
+        """``grid`` as one block of lanes, or as two with less padding (:func:`split_slots`): the
+        slots with many lanes, and ``grid`` without their lanes (the same slots, so the same
+        gathered factors as the steps around it)."""
+        key = ("blocks", num_tokens, present, device)
+        try:
+            return self._grids[key]
+        except KeyError:
+            parts = split_slots(grid)
+            blocks = (grid,) if parts is None else (build_grid(self.plan, num_tokens, parts[0], device),
+                                                    without_lanes(grid, parts[0]))
+            self._grids[key] = blocks
+            return blocks
+
     def bind(self, layer, state, x: torch.Tensor):
-        grid = self.grid(x.numel() // x.shape[-1] if x.shape[-1] else 0, state.present, x.device)
+        num_tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        grid = self.grid(num_tokens, state.present, x.device)
         if grid is None:
             return None
-        return bind(self.operands(layer, state, grid), grid, x.shape)
+        # DoRA scales the base output once per token: only a grid without DoRA slots is split
+        blocks = (grid,) if state.dora.intersection(grid.slots) else self.blocks(grid, num_tokens, state.present, x.device)
+        if len(blocks) == 1:
+            return bind(self.operands(layer, state, grid), grid, x.shape)
+        return _chain([bind(self.operands(layer, state, block), block, x.shape) for block in blocks])
 
     def embedding(self, layer, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         state = layer.bank.state
@@ -501,20 +583,26 @@ class TorchLayout(Layout):
 class Gathered:
     """Each layer's gathered factors for its last few slot sets, while the bank state is the one
     they were gathered from. Derived data: forwards of several threads may fill it at once (each
-    entry is written whole), and it is dropped whenever a bank changes."""
+    entry is written whole), and it is dropped whenever a bank changes.
 
-    PER_LAYER = 4
+    Single slots (one-adapter batches, a prompt's own block in a packed step) are kept apart
+    from sets of several: a serving engine's steps alternate between its batch's set and its new
+    prompts' adapters, and one adapter's factors are small."""
+
+    PER_LAYER = 4  # sets of several slots
+    SINGLE = 8  # single slots
 
     def __init__(self, gather=gather) -> None:
         self._gather = gather  # (state, slots, device) -> what a forward reads
-        self._entries: dict = {}  # layer -> {slots: (state, gathered)}, oldest first
+        self._entries: dict = {}  # (layer, single) -> {slots: (state, gathered)}, oldest first
 
     def get(self, layer, state, slots: tuple[int, ...]):
-        entries = self._entries.setdefault(layer, {})
+        single = len(slots) == 1
+        entries = self._entries.setdefault((layer, single), {})
         entry = entries.get(slots)
         if entry is None or entry[0] is not state:
             entry = (state, self._gather(state, slots, layer.bank.device))
-            if len(entries) >= self.PER_LAYER:
+            if len(entries) >= (self.SINGLE if single else self.PER_LAYER):
                 entries.pop(next(iter(entries)), None)
             entries[slots] = entry
         return entry[1]
