@@ -76,6 +76,11 @@ class Lease:
     def names(self) -> frozenset[str]:
         return frozenset(self._held)
 
+    @property
+    def slots(self) -> dict[str, int]:
+        """Adapter name → the slot held for it."""
+        return dict(self._held)
+
     def release(self) -> None:
         with self._guard:
             if self._released:

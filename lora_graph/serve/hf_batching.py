@@ -5,9 +5,11 @@ scheduler that admits requests at every step, chunked prefill, and one packed fo
 whose tokens are runs of consecutive requests (``cu_seq_lens_q``). It knows nothing of adapters.
 This module adds two things to one manager, on the objects it owns, without changing transformers:
 
-- **Routing.** Every step's forward runs inside ``lm.use(Packed(lengths, adapters))``: one run per
-  request in the batch, with that request's SPEC, and the ``logits_to_keep`` the step passes to the
-  model (each request with a new token), so ``lm_head`` routes its kept tokens too.
+- **Routing.** Every step's forward is routed as ``lm.use(Packed(lengths, adapters))`` would route
+  it: one run per request in the batch, with that request's SPEC, and the ``logits_to_keep`` the
+  step passes to the model (each request with a new token), so ``lm_head`` routes its kept tokens
+  too. Each request's SPEC was validated and its slots held once, by the lease the engine took to
+  admit it (:class:`Route`), so a step only assembles their slots: no lock, no lookup per step.
 - **Sampling per request.** Greedy, temperature, top-p and a seed per request (a generator per
   request), where transformers applies one generation config to the whole batch.
 
@@ -27,11 +29,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..routing import Packed
+from ..routing import Packed, Spec
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +63,34 @@ class Sampling:
 
 @dataclass
 class Route:
-    """What the steps need to know of one request: its SPEC and its sampling."""
+    """What the steps need to know of one request: its SPEC, its sampling, and the slots its lease
+    holds: ``lanes``, the SPEC's weighted set over slots, and ``slots``, adapter name → slot."""
 
     spec: object
     sampling: Sampling
     generator: torch.Generator | None = None
+    lanes: tuple = ()
+    slots: dict = field(default_factory=dict)
+
+    @classmethod
+    def leased(cls, spec, sampling: Sampling, lease) -> Route:
+        """The route of a request admitted with ``lease`` (``lm.lease(spec)``)."""
+        held = lease.request  # the SPEC resolved to the held slots: one weighted set
+        return cls(spec, sampling, lanes=held.sets[0], slots=dict(lease.slots))
 
 
 _DISCARDED = Route(None, Sampling())
+
+
+def step_request(lengths: list[int], routes: list[Route], keep: list[int] | None) -> Spec:
+    """The routing of one step, packed runs of ``lengths`` tokens with ``routes``' slots: what
+    ``resolve_spec(Packed(...)).slotted(...)`` gives, from SPECs already resolved and held."""
+    held: dict[str, int] = {}
+    for route in routes:
+        held.update(route.slots)
+    kept = None if keep is None else Packed(lengths=lengths, adapters=[None] * len(lengths), logits_to_keep=keep).kept_per_run()
+    return Spec(tuple(route.lanes for route in routes), lengths=tuple(lengths),
+                order=tuple(held[name] for name in sorted(held)), kept=kept)
 
 
 def next_output(manager, timeout: float):
@@ -165,17 +187,20 @@ def _instrument(processor, lm, routes: dict[str, Route], on_step) -> None:
     def routed_step(model, batch_data, *rest):
         batch = io.requests_in_batch  # FutureRequestState, in the order of the packed tokens
         lengths = [f.query_length for f in batch]
-        specs = [route_of(f).spec for f in batch]
-        runner._sample = _sampler([route_of(f) for f in batch if f.has_new_token])
+        routes = [route_of(f) for f in batch]
+        runner._sample = _sampler([route for f, route in zip(batch, routes) if f.has_new_token])
         total = int(batch_data["input_ids"].shape[-1])
         if total > sum(lengths):  # padding tokens at the end: the base
-            lengths, specs = lengths + [total - sum(lengths)], specs + [None]
+            lengths, routes = lengths + [total - sum(lengths)], routes + [_DISCARDED]
         logits_to_keep = batch_data.get("logits_to_keep")
         keep = None if logits_to_keep is None else [int(i) for i in logits_to_keep.tolist()]
         if on_step is not None:
             on_step(len(batch))
-        with lm.use(Packed(lengths=lengths, adapters=specs, logits_to_keep=keep)):
+        scope = lm.router.enter(step_request(lengths, routes, keep))
+        try:
             step(model, batch_data, *rest)
+        finally:
+            lm.router.leave(scope)
 
     runner._forward_process_and_sample = routed_step
 
