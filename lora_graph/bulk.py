@@ -18,12 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 from .adapters import check_unchanged
 from .slots import SlotsFull
 from .store import AdapterInfo, fingerprint
 
 logger = logging.getLogger(__name__)
+
+
+def _check_mapping(paths, method: str) -> None:
+    if not isinstance(paths, Mapping):
+        hint = " (to page registered adapters in, use prefetch(names))" if method == "load_adapters" else ""
+        raise TypeError(f"{method} takes a {{name: path}} mapping, got {type(paths).__name__}{hint}")
 
 
 class Bulk:
@@ -37,6 +44,7 @@ class Bulk:
         from .wrapper import progress_bar  # not at the top: the wrapper imports this module
 
         self._check_live()
+        _check_mapping(paths, "register_adapters")
         sources = {name: self._open(name, path, False, None, None, None, allow_pickle, strict)
                    for name, path in progress_bar(paths.items(), "registering adapters", self.progress)}
         with self._lock:
@@ -57,6 +65,7 @@ class Bulk:
         from .wrapper import progress_bar
 
         self._check_live()
+        _check_mapping(paths, "load_adapters")
         read = {}  # name -> (settings, host), or None: registered from these files already
         for name, path in progress_bar(paths.items(), "loading adapters", self.progress):
             source = self._open(name, path, None, None, None, None, allow_pickle, strict)  # names checked below

@@ -157,6 +157,17 @@ def test_register_adapters_is_all_or_nothing(pristine, files, tmp_path):
     assert set(lm.adapters) == {"a", "b", "z"}
 
 
+@pytest.mark.parametrize("method", ["register_adapters", "load_adapters"])
+def test_bulk_calls_name_a_list_given_for_the_mapping(pristine, files, method):
+    """A list of names (or of paths) is not silently half-used: the error names the call and what it takes."""
+    lm = lora_graph.wrap(copy.deepcopy(pristine))
+    lm.register_adapter("x", files["old"])
+    before = state(lm)
+    with pytest.raises(TypeError, match=rf"{method} takes a \{{name: path\}} mapping, got list"):
+        getattr(lm, method)(["x"])
+    assert state(lm) == before
+
+
 @pytest.mark.parametrize("fault", ["broken_weights", "name_taken"])
 def test_load_adapters_is_all_or_nothing(pristine, files, tmp_path, fault):
     lm = lora_graph.wrap(copy.deepcopy(pristine), max_loaded=2)
