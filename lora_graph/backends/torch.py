@@ -8,7 +8,9 @@ Per layer the grid gives, whatever the number of distinct adapters D, one gather
 ``(D, M, K)``, a ``bmm`` through A, a ``bmm`` through B and one scatter back: the op count does not
 grow with D, and each token multiplies only by its own adapters' factors. Padding lanes carry weight
 0 and point at a token of their own slot, so an adapter whose values overflow reaches only the rows
-that use it. Cost follows the padded rank (the largest among the used slots); kernels/ bounds each
+that use it. Where one slot has far more lanes than the others (a new prompt among decode tokens in
+a continuous-batching step), its lanes are a block of their own (``split_slots``): two blocks, that
+op count twice, instead of every slot padded to the prompt's length. Cost follows the padded rank (the largest among the used slots); kernels/ bounds each
 slot's loop by its real rank instead.
 
 The specification is kernels/reference.py (plain loops over the bank and the kernels' lanes); the
