@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import adapter_dir, save_adapter, targets, tiny_model, token_ids
+from helpers import adapter_dir, peft_oracle, save_adapter, targets, tiny_model, token_ids
 
 import lora_graph
 from lora_graph import Packed
+from lora_graph.backends import torch as torch_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
 
@@ -109,11 +110,6 @@ def test_prompt_among_decode_tokens_matches_peft(saved, arch, monkeypatch):
     """A continuous-batching step's shape: one prompt of 40 tokens among one-token sequences of
     other adapters and the base. The torch backend then computes the prompt's adapter as a block
     of its own (less padding); every sequence equals PEFT on that sequence alone."""
-    from peft import PeftModel  # noqa: F401  (the oracle below)
-    from helpers import peft_oracle
-
-    from lora_graph.backends import torch as torch_backend
-
     model, paths = saved[arch]
     lm = wrapped(saved, arch, "torch")
     lm.load_adapter("a2", paths["a"])
