@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -203,10 +204,25 @@ class Operands:
     shared_coef: float | None  # the one w · s every lane shares, when they all do and none is padding
     base_scale: torch.Tensor | None = None  # (G, N) fp32, 1 + Σ w·(g − 1) per run; None: no DoRA slot
     base_shift: torch.Tensor | None = None  # (G, N) fp32, (1 − base_scale) ⊙ base_bias; None: no base bias
+    at: torch.Tensor | None = None  # (D, K, r) fp32 Aᵀ view, when the factors are fp32 (else made when bound)
+    bt: torch.Tensor | None = None  # (D, r, N) fp32 Bᵀ view, likewise
 
 
-def gather(state, slots: tuple[int, ...], device: torch.device):
-    """``(a, b, bias, scale, mag)`` of ``slots`` from a bank state, cut to their largest rank (so
+class Gather(NamedTuple):
+    """One layer's factors of some slots, as :func:`gather` cuts and lays them out."""
+
+    a: torch.Tensor  # (D, r, K)
+    b: torch.Tensor  # (D, N, r)
+    bias: torch.Tensor | None  # (D, N)
+    scale: torch.Tensor  # (D,) fp32, each slot's s
+    mag: torch.Tensor | None  # (D, N) fp32 DoRA g, or None
+    scales: tuple[float, ...]  # ``scale`` as numbers, to key what depends on it
+    at: torch.Tensor | None  # a.transpose(1, 2) when fp32: what the batched GEMMs read
+    bt: torch.Tensor | None  # b.transpose(1, 2) when fp32
+
+
+def gather(state, slots: tuple[int, ...], device: torch.device) -> Gather:
+    """``(a, b, bias, scale, mag, ...)`` of ``slots`` from a bank state, cut to their largest rank (so
     the bits of a result never depend on which other adapters were loaded before, nor on which
     rank's storage each slot sits in). With a DoRA slot
     among them, ``mag`` is their ``g`` ``(D, N)`` (1 for LoRA slots) and B's rows (and the bias) come
@@ -219,38 +235,49 @@ def gather(state, slots: tuple[int, ...], device: torch.device):
     idx = torch.tensor(rows, dtype=torch.int64, device=device)
     # (D, r, K) and (D, N, r). B is laid out as Bᵀ (D, r, N), and with several slots A as Aᵀ
     # (D, K, r): the batched GEMMs then read row-major operands, which is faster on CPU. One slot
-    # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit.
-    a = factors.a.index_select(0, idx)[:, :r]
-    a = a.contiguous() if len(slots) == 1 else a.transpose(1, 2).contiguous().transpose(1, 2)
-    b = factors.b.index_select(0, idx)[:, :, :r]  # (D, N, r)
+    # keeps PEFT's A layout, so its shrink is PEFT's own GEMM, bit for bit. Each is selected
+    # straight into its layout, one pass (selecting, then transposing the copy, is several
+    # times slower); ``contiguous`` copies again only where the storage's rank exceeds r.
+    if len(slots) == 1:
+        a = factors.a.index_select(0, idx)[:, :r].contiguous()
+    else:
+        a = factors.a.transpose(1, 2).index_select(0, idx)[:, :, :r].contiguous().transpose(1, 2)
+    bt = factors.b.transpose(1, 2).index_select(0, idx)[:, :r]  # (D, r, N)
     mag = None
     if factors.mag is not None and state.dora.intersection(slots):
         mag = factors.mag.index_select(0, idx)  # (D, N) fp32
-        b = b.float() * mag.unsqueeze(-1)  # g ⊙ B(Ax) = (g ⊙ B)(Ax), formed once per bank state
-    b = b.transpose(1, 2).contiguous().transpose(1, 2)
+        bt = bt.float() * mag.unsqueeze(1)  # g ⊙ B(Ax) = (g ⊙ B)(Ax), formed once per bank state
+    b = bt.contiguous().transpose(1, 2)  # (D, N, r)
     bias = None
     if factors.bias is not None and state.with_bias.intersection(slots):
         bias = factors.bias.index_select(0, idx)  # (D, N)
         bias = bias if mag is None else bias.float() * mag
-    scale = torch.tensor([state.scale[s] for s in slots], dtype=torch.float32, device=device)
-    return a, b, bias, scale, mag
+    scales = tuple(state.scale[s] for s in slots)
+    scale = torch.tensor(scales, dtype=torch.float32, device=device)
+    # the transposed views are made once here rather than at every bind (a serving engine rebinds
+    # every layer whenever its batch changes); fp32 only, so that no fp32 copy outlives a bind
+    at = a.transpose(1, 2) if a.dtype == torch.float32 else None
+    bt = b.transpose(1, 2) if b.dtype == torch.float32 else None
+    return Gather(a, b, bias, scale, mag, scales, at, bt)
 
 
-def operands(gathered, state, grid: Grid, base_bias: torch.Tensor | None = None) -> Operands:
-    """A grid's operands; ``base_bias`` is the base layer's own bias (read only with DoRA slots)."""
-    a, b, bias, scale, mag = gathered
-    coef = (grid.weight * scale.unsqueeze(-1)).unsqueeze(-1)  # (D, M, 1)
+def operands(gathered: Gather, state, grid: Grid, base_bias: torch.Tensor | None = None,
+             coef: torch.Tensor | None = None) -> Operands:
+    """A grid's operands; ``base_bias`` is the base layer's own bias (read only with DoRA slots);
+    ``coef``, when given, is ``grid.weight · scale`` already formed (by another layer whose slots
+    have the same scales)."""
+    a, b, bias, scale, mag = gathered[:5]
+    if coef is None:
+        coef = (grid.weight * scale.unsqueeze(-1)).unsqueeze(-1)  # (D, M, 1)
     shared = None
-    if grid.uniform is not None:
-        scales = {state.scale[s] for s in grid.slots}
-        if len(scales) == 1:
-            shared = grid.uniform * scales.pop()
+    if grid.uniform is not None and len(set(gathered.scales)) == 1:
+        shared = grid.uniform * gathered.scales[0]
     base_scale = base_shift = None
     if mag is not None:
         base_scale = torch.mm(grid.run_weight, mag - 1).add_(1.0)  # (G, N): 1 + Σ w·(g − 1) per run
         if base_bias is not None:
             base_shift = (1.0 - base_scale) * base_bias.detach().float()  # (G, N)
-    return Operands(a, b, bias, coef, shared, base_scale, base_shift)
+    return Operands(a, b, bias, coef, shared, base_scale, base_shift, gathered.at, gathered.bt)
 
 
 def rescale_base(out: torch.Tensor, ops: Operands, grid: Grid) -> torch.Tensor:
@@ -424,9 +451,16 @@ def _rescaler(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int):
     return lambda out: torch.addcmul(shift, out, scale, out=out)
 
 
+def _transposed(ops: Operands) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aᵀ ``(D, K, r)`` and Bᵀ ``(D, r, N)`` in fp32, as the GEMMs read them."""
+    at = ops.at if ops.at is not None else ops.a.float().transpose(1, 2)
+    bt = ops.bt if ops.bt is not None else ops.b.float().transpose(1, 2)
+    return at, bt
+
+
 def _bind_identity(ops: Operands, num_tokens: int, k: int, delta, rescale):
     """One adapter for every token, with one weight: two GEMMs, the second into the output."""
-    at, bt = ops.a[0].float().t(), ops.b[0].float().t()  # (K, R), (R, N)
+    at, bt = (t[0] for t in _transposed(ops))  # (K, R), (R, N)
     shared = ops.shared_coef
 
     def shrink(x):
@@ -447,7 +481,7 @@ def _bind_grouped(ops: Operands, grid: Grid, shape: torch.Size, num_tokens: int,
     """Several slots (or one slot on some tokens): gather, two ``bmm``s, and a scatter, a gather
     back (``inverse``) or a strided add (``strides``) into the output."""
     num_slots, rows = ops.coef.shape[0], ops.coef.shape[1]
-    at, bt = ops.a.float().transpose(1, 2), ops.b.float().transpose(1, 2)  # (D, K, R), (D, R, N)
+    at, bt = _transposed(ops)  # (D, K, R), (D, R, N)
     coef, c = ops.coef, 1.0 if ops.shared_coef is None else ops.shared_coef
     scaled = ops.shared_coef is None
     flat = shape[0] == num_tokens  # a (T, K) input, or one token per row: gather and scatter on dim 0
@@ -523,7 +557,7 @@ def _chain(bound: list):
 
 
 class TorchLayout(Layout):
-    """Grids by (token count, slots held, device); each layer's factors come gathered from the
+    """Grids by (token count, slots held, device), and their coefficient tables; each layer's factors come gathered from the
     backend, which keeps them across layouts (a serving engine's batch changes at every step, its
     adapters much less often)."""
 
@@ -541,8 +575,15 @@ class TorchLayout(Layout):
             return grid
 
     def operands(self, layer, state, grid: Grid) -> Operands:
-        return operands(self._gathered.get(layer, state, grid.slots), state, grid,
-                        getattr(layer.base_layer, "bias", None))
+        gathered = self._gathered.get(layer, state, grid.slots)
+        # every layer whose slots have the same scales shares one coefficient table (the grids
+        # live as long as the layout, so their ids do)
+        key = ("coef", id(grid), gathered.scales)
+        coef = self._grids.get(key)
+        ops = operands(gathered, state, grid, getattr(layer.base_layer, "bias", None), coef)
+        if coef is None:
+            self._grids[key] = ops.coef
+        return ops
 
     def blocks(self, grid: Grid, num_tokens: int, present: frozenset[int], device: torch.device) -> tuple[Grid, ...]:
         """``grid`` as one block of lanes, or as two with less padding (:func:`split_slots`): the
