@@ -557,9 +557,9 @@ def _chain(bound: list):
 
 
 class TorchLayout(Layout):
-    """Grids by (token count, slots held, device), and their coefficient tables; each layer's factors come gathered from the
-    backend, which keeps them across layouts (a serving engine's batch changes at every step, its
-    adapters much less often)."""
+    """Grids by (token count, slots held, device), and their coefficient tables; each layer's
+    factors come gathered from the backend, which keeps them across layouts (a serving engine's
+    batch changes at every step, its adapters much less often)."""
 
     def __init__(self, plan, gathered: Gathered) -> None:
         super().__init__(plan)
