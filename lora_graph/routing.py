@@ -93,13 +93,16 @@ class Packed:
 
     def kept_per_run(self) -> tuple[int, ...] | None:
         """How many of each run's tokens reach ``lm_head`` under ``logits_to_keep``."""
-        if self.logits_to_keep is None:
-            return None
-        ends = list(itertools.accumulate(self.lengths))
-        counts = [0] * len(self.lengths)
-        for i in self.logits_to_keep:
-            counts[bisect.bisect_right(ends, i)] += 1
-        return tuple(counts)
+        return None if self.logits_to_keep is None else kept_per_run(self.lengths, self.logits_to_keep)
+
+
+def kept_per_run(lengths, keep) -> tuple[int, ...]:
+    """How many of the kept token positions ``keep`` fall in each run of ``lengths`` tokens."""
+    ends = list(itertools.accumulate(lengths))
+    counts = [0] * len(lengths)
+    for i in keep:
+        counts[bisect.bisect_right(ends, i)] += 1
+    return tuple(counts)
 
 
 _FP32_MAX = torch.finfo(torch.float32).max

@@ -110,7 +110,7 @@ def grid_ops(bank: AdapterBank, rows, num_tokens: int):
     """The grid of ``rows`` for this bank and its operands, per-lane coefficients."""
     grid = build_grid(RoutingPlan(rows), num_tokens, bank.present, CPU)
     assert grid is not None
-    ops = operands(gather(bank.state, grid.slots, CPU), bank.state, grid)
+    ops = operands(gather(bank.state, grid.slots, CPU), grid)
     return grid, torch_backend.Operands(ops.a, ops.b, ops.bias, ops.coef, None)
 
 
@@ -343,7 +343,7 @@ def test_split_blocks_add_what_one_grid_adds(per_row_shape):
     assert parts is not None
     bound = []
     for block in (build_grid(plan, 54, parts[0], CPU), torch_backend.without_lanes(whole, parts[0])):
-        bound.append(torch_backend.bind(operands(gather(bank.state, block.slots, CPU), bank.state, block), block,
+        bound.append(torch_backend.bind(operands(gather(bank.state, block.slots, CPU), block), block,
                                         torch.Size(shape)))
     pre, post = torch_backend._chain(bound)
     got = post(pre(x.view(shape)), x.view(shape), base.clone().view(*shape[:-1], n)).view(54, n)
@@ -376,7 +376,7 @@ def test_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
     state = bank.state
     assert (grid.inverse is not None) == (kind in ("distinct", "bias") and per_row == 1)
     assert grid.inverse is None or not torch.equal(grid.inverse, grid.token)
-    ops = operands(gather(state, grid.slots, CPU), state, grid)
+    ops = operands(gather(state, grid.slots, CPU), grid)
     pre, post = torch_backend.bind(ops, grid, x.shape)
     got = post(pre(x), x, base.clone())
     want = grouped_delta(x.view(-1, k), base.view(-1, n).clone(), ops, grid, inplace=True)
@@ -527,7 +527,7 @@ def make_dora_loras(k: int, n: int, bias: bool, seed: int = 0) -> list[ModuleLor
 
 def dora_ops(bank: AdapterBank, plan: RoutingPlan, num_tokens: int, base_bias):
     grid = build_grid(plan, num_tokens, bank.present, CPU)
-    return grid, operands(gather(bank.state, grid.slots, CPU), bank.state, grid, base_bias)
+    return grid, operands(gather(bank.state, grid.slots, CPU), grid, base_bias)
 
 
 DORA_KINDS = ["distinct", "identical", "zipf", "no-adapter-rows", "multi-lane"]

@@ -261,7 +261,7 @@ def gather(state, slots: tuple[int, ...], device: torch.device) -> Gather:
     return Gather(a, b, bias, scale, mag, scales, at, bt)
 
 
-def operands(gathered: Gather, state, grid: Grid, base_bias: torch.Tensor | None = None,
+def operands(gathered: Gather, grid: Grid, base_bias: torch.Tensor | None = None,
              coef: torch.Tensor | None = None) -> Operands:
     """A grid's operands; ``base_bias`` is the base layer's own bias (read only with DoRA slots);
     ``coef``, when given, is ``grid.weight · scale`` already formed (by another layer whose slots
@@ -580,7 +580,7 @@ class TorchLayout(Layout):
         # live as long as the layout, so their ids do)
         key = ("coef", id(grid), gathered.scales)
         coef = self._grids.get(key)
-        ops = operands(gathered, state, grid, getattr(layer.base_layer, "bias", None), coef)
+        ops = operands(gathered, grid, getattr(layer.base_layer, "bias", None), coef)
         if coef is None:
             self._grids[key] = ops.coef
         return ops

@@ -252,7 +252,7 @@ class Engine:
                 return False
             self._pending.remove(request)
             request._lease = lease
-            self._routes[request.id] = Route.leased(request.spec, request.sampling, lease)
+            self._routes[request.id] = Route.leased(request.sampling, lease)
             self._running.add(request.id)
         self._manager.add_request(request.prompt, request_id=request.id, max_new_tokens=request.max_new_tokens,
                                   streaming=True, eos_token_id=self._eos)

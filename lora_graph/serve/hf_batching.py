@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..routing import Packed, Spec
+from ..routing import Spec, kept_per_run
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +63,32 @@ class Sampling:
 
 @dataclass
 class Route:
-    """What the steps need to know of one request: its SPEC, its sampling, and the slots its lease
-    holds: ``lanes``, the SPEC's weighted set over slots, and ``slots``, adapter name → slot."""
+    """What the steps need to know of one request: its sampling, and the slots its lease holds:
+    ``lanes``, its SPEC's weighted set over slots, and ``slots``, adapter name → slot."""
 
-    spec: object
     sampling: Sampling
     generator: torch.Generator | None = None
     lanes: tuple = ()
     slots: dict = field(default_factory=dict)
 
     @classmethod
-    def leased(cls, spec, sampling: Sampling, lease) -> Route:
+    def leased(cls, sampling: Sampling, lease) -> Route:
         """The route of a request admitted with ``lease`` (``lm.lease(spec)``)."""
         held = lease.request  # the SPEC resolved to the held slots: one weighted set
-        return cls(spec, sampling, lanes=held.sets[0], slots=dict(lease.slots))
+        return cls(sampling, lanes=held.sets[0], slots=lease.slots)
 
 
-_DISCARDED = Route(None, Sampling())
+_DISCARDED = Route(Sampling())
 
 
 def step_request(lengths: list[int], routes: list[Route], keep: list[int] | None) -> Spec:
     """The routing of one step, packed runs of ``lengths`` tokens with ``routes``' slots: what
-    ``resolve_spec(Packed(...)).slotted(...)`` gives, from SPECs already resolved and held."""
+    ``resolve_spec(Packed(lengths, ..., logits_to_keep=keep)).slotted(...)`` gives, from SPECs
+    already resolved and held."""
     held: dict[str, int] = {}
     for route in routes:
         held.update(route.slots)
-    kept = None if keep is None else Packed(lengths=lengths, adapters=[None] * len(lengths), logits_to_keep=keep).kept_per_run()
+    kept = None if keep is None else kept_per_run(lengths, keep)
     return Spec(tuple(route.lanes for route in routes), lengths=tuple(lengths),
                 order=tuple(held[name] for name in sorted(held)), kept=kept)
 
