@@ -264,8 +264,9 @@ def test_bank_zero_pads_past_rank_and_reuses_slots():
 @pytest.mark.parametrize("kind", ["distinct", "uniform", "no-adapter-rows", "multi-lane"])
 def test_scatter_by_inverse_matches_index_add(kind):
     """Where each row is one token with exactly one lane (a decode step), the grid carries each
-    token's lane and the op scatters by a gather and a dense add; elsewhere (padding lanes, base
-    rows, several lanes, longer rows) it has none. The sums agree with the scatter-add to fp32
+    token's lane and the op scatters by a gather and a dense add, whether or not the grid holds
+    padding lanes (slots with unequal numbers of rows); elsewhere (base rows, several lanes,
+    longer rows) it has none. The sums agree with the scatter-add to fp32
     rounding, with a shared ``w · s`` or per-lane ones."""
     k, n = 48, 40
     loras = make_loras(k, n, bias=False)
@@ -275,7 +276,8 @@ def test_scatter_by_inverse_matches_index_add(kind):
     g = torch.Generator().manual_seed(3)
     x, base = torch.randn(len(rows), k, generator=g), torch.randn(len(rows), n, generator=g)
     grid, ops = grid_ops(bank, rows, x.shape[0])
-    assert (grid.inverse is not None) == (kind == "distinct")
+    assert (grid.inverse is not None) == (kind in ("distinct", "uniform"))
+    assert kind != "uniform" or len(grid.token) > x.shape[0]  # padding lanes: the inverse skips them
     if grid.inverse is None:
         return
     assert torch.equal(grid.token[grid.inverse], torch.arange(x.shape[0]))
@@ -283,7 +285,10 @@ def test_scatter_by_inverse_matches_index_add(kind):
     for shared in (None, 1.5):  # with a shared w·s, coef is not read
         with_shared = dataclasses.replace(ops, shared_coef=shared)
         by_inverse = grouped_delta(x, base, with_shared, grid)
-        torch.testing.assert_close(by_inverse, grouped_delta(x, base, with_shared, scatter), rtol=1e-6, atol=1e-6)
+        # the scatter reads every lane, padding too: it gets per-lane coefficients, 0 on padding
+        per_lane = with_shared if shared is None else dataclasses.replace(
+            ops, shared_coef=None, coef=torch.where(grid.weight.unsqueeze(-1) != 0, shared, 0.0))
+        torch.testing.assert_close(by_inverse, grouped_delta(x, base, per_lane, scatter), rtol=1e-6, atol=1e-6)
         assert (by_inverse - base).abs().max() > 1e-2
 
 
@@ -374,7 +379,7 @@ def test_bound_branch_is_the_op(kind, per_row, early, monkeypatch):
     x, base = torch.randn(batch, per_row, k, generator=g), torch.randn(batch, per_row, n, generator=g)
     grid = build_grid(RoutingPlan(rows), batch * per_row, bank.present, CPU)
     state = bank.state
-    assert (grid.inverse is not None) == (kind in ("distinct", "bias") and per_row == 1)
+    assert (grid.inverse is not None) == (kind in ("distinct", "uniform", "bias") and per_row == 1)
     assert grid.inverse is None or not torch.equal(grid.inverse, grid.token)
     ops = operands(gather(state, grid.slots, CPU), grid)
     pre, post = torch_backend.bind(ops, grid, x.shape)

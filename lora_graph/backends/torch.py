@@ -68,8 +68,8 @@ class Grid:
     token: torch.Tensor  # (D*M,) int64, the token of each lane; padding lanes repeat a token of their slot
     weight: torch.Tensor  # (D, M) fp32, request weight; 0 on padding lanes
     identity: bool  # token == arange(T): one slot, one lane per token, in order
-    uniform: float | None = None  # the weight every lane shares, when they all do and none is padding
-    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per run, each with one lane
+    uniform: float | None = None  # the weight every real lane shares, when none is padding or none is read
+    inverse: torch.Tensor | None = None  # (T,) each token's lane: one token per run, each in one lane
     # with ``inverse``, when lane (d, m) is token offset + d*step_d + m*step_m: (offset, step_d, step_m);
     # rows grouped by adapter, or interleaved with a fixed period, then need no gather at all
     strides: tuple[int, int, int] | None = None
@@ -112,16 +112,19 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
     weight[grp[of], pos] = lane_w[of]
     token = token.view(-1)  # (D*M,)
     identity = len(slots) == 1 and width == num_tokens and torch.equal(token, torch.arange(num_tokens))
-    weights = set(lane_w.tolist())
-    uniform = weights.pop() if len(weights) == 1 and bool((per_slot == width).all()) else None
     inverse = strides = None
-    # one token per run (a decode step) whose lanes are a permutation of the tokens: a gather
-    # back to token order and a dense add beat a scatter there; on long rows the scatter wins,
-    # as it reads the branch output once instead of twice
-    if not identity and all(n == 1 for n in lengths) and token.numel() == num_tokens:
-        ordered, lane = torch.sort(token)
+    # one token per run (a decode step), each token in exactly one lane: a gather back to token
+    # order and a dense add beat a scatter there, and skip the padding lanes (slots with unequal
+    # numbers of requests); on long rows the scatter wins, as it reads the branch output once
+    # instead of twice
+    if not identity and all(n == 1 for n in lengths) and total == num_tokens:
+        ordered, lane = torch.sort(tok)
         if torch.equal(ordered, torch.arange(num_tokens)):
-            inverse = upload(lane, device)
+            inverse = (grp[of] * width + pos)[lane]  # (T,) each token's lane
+    weights = set(lane_w.tolist())
+    padded = not bool((per_slot == width).all())
+    # padding lanes must be multiplied by their weight 0, unless nothing reads them
+    uniform = weights.pop() if len(weights) == 1 and (not padded or inverse is not None) else None
     # lanes without padding, each on a token of its own, laid out as a strided view of the tokens
     # (rows grouped by adapter, interleaved with a fixed period, or one packed sequence's run)
     if not identity and token.numel() == total and torch.unique(token).numel() == total:
@@ -129,7 +132,8 @@ def build_grid(plan, num_tokens: int, present: frozenset[int], device: torch.dev
     run_weight = torch.zeros(len(lengths), len(slots)).index_put_((run, grp), lane_w, accumulate=True)  # (G, D)
     even = len(set(lengths)) == 1
     run_index = None if even else upload(torch.repeat_interleave(torch.arange(len(lengths)), run_len), device)
-    return Grid(slots, upload(token, device), upload(weight, device), identity, uniform, inverse, strides,
+    return Grid(slots, upload(token, device), upload(weight, device), identity, uniform,
+                None if inverse is None else upload(inverse, device), strides,
                 upload(run_weight, device), lengths[0] if even else None, run_index, tuple(per_slot.tolist()))
 
 
@@ -201,7 +205,7 @@ class Operands:
     b: torch.Tensor  # (D, N, r); with DoRA slots fp32 with each row scaled by its slot's g
     bias: torch.Tensor | None  # (D, N); scaled by g like b
     coef: torch.Tensor  # (D, M, 1) fp32, w · s of each lane (0 on padding)
-    shared_coef: float | None  # the one w · s every lane shares, when they all do and none is padding
+    shared_coef: float | None  # the one w · s every lane read shares, when they all do (see Grid.uniform)
     base_scale: torch.Tensor | None = None  # (G, N) fp32, 1 + Σ w·(g − 1) per run; None: no DoRA slot
     base_shift: torch.Tensor | None = None  # (G, N) fp32, (1 − base_scale) ⊙ base_bias; None: no base bias
     at: torch.Tensor | None = None  # (D, K, r) fp32 Aᵀ view, when the factors are fp32 (else made when bound)
