@@ -22,11 +22,15 @@ Load speeds are given in GB/s of adapter bytes, next to a plain copy of the same
 round copies, then loads. Medians are reported; lora_graph's fraction of the copy speed is the
 median of the per-round ratios.
 
-Readers (``results.readers``): loads of the same adapter with the safetensors library reader (as
-shipped), the same without the check of the factors' values (NaN, infinity, range of the adapter
-dtype), and the hand-written memory-map reader lora_graph used before (kept in this file only for
-this comparison), one of each per round in rotating order. The check is also timed alone over the
-factors as read, and given as a fraction of the shipped load.
+Readers (``results.readers``): loads of the same adapter, one of each per round in rotating order:
+as shipped (lora_graph's reader: the library validates the header, the data is read a run of
+tensors at a time into huge pages, and a helper thread checks each run for NaN and infinity while
+the next is read, tensorfile.py), the same with the checks in the reading thread (a machine with
+one core), the same reader with no check of the factors' values, the safetensors library's own
+``get_tensors``, and the hand-written memory-map reader of earlier versions (kept in this file only
+for this comparison), the last two without the check. What the check adds to a load is the
+median of the per-round differences; its own work is also timed alone, beside the check an
+adapter given in memory gets (a sum per tensor, after the read).
 
 DoRA (``--dora-repeats``, on by default): a big adapter of the same shape with ``use_dora=True``.
 Loading it computes ``g = m / ‖W + s·B·A‖`` for every module, which reads the base weights, so this
@@ -53,18 +57,20 @@ import statistics
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 
 import torch
 from _env import environment, use_checkout, write_json
 from peft import LoraConfig
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 use_checkout()
 import lora_graph  # noqa: E402
-from lora_graph import adapters  # noqa: E402
+from lora_graph import adapters, tensorfile  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"big": dict(rank=16, targets=ALL_LINEAR), "small": dict(rank=8, targets=["q_proj", "v_proj"])}
@@ -238,32 +244,52 @@ def mmap_reader(path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class _Inline:
+    """Stands for the reader's helper thread: makes each check at once, in the reading thread."""
+
+    def submit(self, fn, *args):
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 @contextlib.contextmanager
 def reader_variant(variant: str):
-    """``library``: as shipped; ``library_no_value_check``: without the NaN/Inf/range check of the
-    factors; ``mmap_no_value_check``: the previous path, the hand-written mmap reader and no check."""
-    saved = adapters._read_tensors, adapters._check_values
-    if variant != "library":
+    """``shipped``: as shipped (lora_graph's reader, each run of tensors checked for NaN and
+    infinity on a helper thread while the next is read, tensorfile.py); ``check_inline``: the same
+    with the checks in the reading thread (a machine with one core); ``shipped_no_value_check``:
+    the same reader with no check of the values; ``library_no_value_check``: the safetensors library's own
+    ``get_tensors`` (pread), no check; ``mmap_no_value_check``: the hand-written memory-map reader
+    of earlier versions, no check."""
+    saved = adapters._read_tensors, adapters._check_values, tensorfile.all_finite, tensorfile._helper
+    if variant == "check_inline":
+        tensorfile._helper = _Inline
+    if variant.endswith("no_value_check"):
         adapters._check_values = lambda *args: None
-    if variant == "mmap_no_value_check":
+        tensorfile.all_finite = lambda raw, dtype: False
+    if variant in ("library_no_value_check", "mmap_no_value_check"):
         def read(folder, allow_pickle):
             path = folder / adapters.SAFETENSORS_NAME
-            return mmap_reader(path), adapters.file_stamp(path)
+            stamp = adapters.file_stamp(path)
+            if variant == "mmap_no_value_check":
+                return mmap_reader(path), stamp, set()
+            with safe_open(path, framework="pt", backend="pread") as f:
+                return f.get_tensors(), stamp, set()
 
         adapters._read_tensors = read
     try:
         yield
     finally:
-        adapters._read_tensors, adapters._check_values = saved
+        adapters._read_tensors, adapters._check_values, tensorfile.all_finite, tensorfile._helper = saved
 
 
-READERS = ("library", "library_no_value_check", "mmap_no_value_check")
+READERS = ("shipped", "check_inline", "shipped_no_value_check", "library_no_value_check", "mmap_no_value_check")
 
 
 def bench_readers(model, paths, device, run, repeats: int) -> dict:
-    """The three variants of ``reader_variant`` loading the same adapter (``replace=True``), one of
-    each per round, in rotating order; medians, and the value check's cost as the median of the
-    per-round ratios (library - library_no_value_check) / library."""
+    """The variants of ``reader_variant`` loading the same adapter (``replace=True``), one of each
+    per round, in rotating order; medians, and what the value check adds to a load as the median
+    of the per-round ratios (with - without) / with."""
     out = {}
     lm = lora_graph.wrap(model, max_loaded=2, max_rank=16, adapter_dtype=DTYPE, progress=False)
     for kind in ADAPTERS:
@@ -272,25 +298,55 @@ def bench_readers(model, paths, device, run, repeats: int) -> dict:
         lm.load_adapter(kind, path)
         times = {v: [] for v in READERS}
         for i in range(repeats):
-            for variant in READERS[i % 3:] + READERS[: i % 3]:
+            k = i % len(READERS)
+            for variant in READERS[k:] + READERS[:k]:
                 with reader_variant(variant):
                     times[variant].append(run(lambda: lm.load_adapter(kind, path, replace=True), 1))
         entry = {v: statistics.median(t) for v, t in times.items()}
-        entry["value_check_of_load_paired"] = statistics.median(
-            (a - b) / a for a, b in zip(times["library"], times["library_no_value_check"]))
-        # the check alone, over the factors as read: a small op, far less noisy than a difference of loads
+        without = times["shipped_no_value_check"]
+        entry["value_check_of_load_paired"] = statistics.median((a - b) / a for a, b in zip(times["shipped"], without))
+        entry["value_check_inline_of_load_paired"] = statistics.median(
+            (a - b) / a for a, b in zip(times["check_inline"], without))
+        # the check's own work, timed alone: the reader's checks of the file's runs (each just
+        # after its run is read, in the reading thread), and the check that an adapter given in
+        # memory gets instead (a sum per tensor, after the read)
+        st = Path(path) / adapters.SAFETENSORS_NAME
+        entry["value_check_s"] = check_work(st, 3 * repeats)
+        entry["value_check_of_load"] = entry["value_check_s"] / entry["shipped"]
+        tensors, _ = tensorfile.read_safetensors(st)
         parts = {}
-        for key, tensor in adapters.read_safetensors(Path(path) / adapters.SAFETENSORS_NAME).items():
+        for key, tensor in tensors.items():
             module, part = adapters.split_key(key)
             parts.setdefault(module, {})[part] = tensor
-        entry["value_check_s"] = run(lambda: adapters._check_values("", parts, DTYPE), 3 * repeats)
-        entry["value_check_of_load"] = entry["value_check_s"] / entry["library"]
+        entry["in_memory_check_s"] = run(lambda: adapters._check_values("", parts, DTYPE), 3 * repeats)
         entry["library_over_mmap"] = statistics.median(
             a / b for a, b in zip(times["library_no_value_check"], times["mmap_no_value_check"]))
         out[kind] = entry
         lm.unload_adapter(kind)
     lm.unwrap()
     return out
+
+
+def check_work(path: Path, repeats: int) -> float:
+    """Seconds the reader's value checks take over one read of ``path`` (median of ``repeats`` reads)."""
+    spent: list[float] = []
+    check, helper = tensorfile.all_finite, tensorfile._helper
+
+    def timed(raw, dtype):
+        start = time.perf_counter()
+        try:
+            return check(raw, dtype)
+        finally:
+            spent[-1] += time.perf_counter() - start
+
+    tensorfile.all_finite, tensorfile._helper = timed, _Inline
+    try:
+        for _ in range(repeats):
+            spent.append(0.0)
+            tensorfile.read_safetensors(path)
+    finally:
+        tensorfile.all_finite, tensorfile._helper = check, helper
+    return statistics.median(spent)
 
 
 def bench_peft(model, paths, device, run, repeats: int) -> dict:
@@ -442,10 +498,13 @@ def main() -> None:
     print(f"{'lora_graph load / copy':28}" + "".join(
         f"{results[k]['lora_graph_load']['of_copy'] * 100:>21.0f} %   " for k in ADAPTERS) + " (median of paired rounds)")
     for kind, r in results["readers"].items():
-        print(f"{kind} load by reader: library {r['library'] * 1e3:.2f} ms, without the value check "
-              f"{r['library_no_value_check'] * 1e3:.2f} ms (check alone {r['value_check_s'] * 1e3:.2f} ms: "
-              f"{r['value_check_of_load'] * 100:.1f}% of a load; paired rounds {r['value_check_of_load_paired'] * 100:.1f}%), "
-              f"hand-written mmap {r['mmap_no_value_check'] * 1e3:.2f} ms (library / mmap {r['library_over_mmap']:.2f}x)")
+        print(f"{kind} load by reader: shipped {r['shipped'] * 1e3:.2f} ms, checked in the reading thread "
+              f"{r['check_inline'] * 1e3:.2f} ms, without the value check {r['shipped_no_value_check'] * 1e3:.2f} ms: "
+              f"the check adds {r['value_check_of_load_paired'] * 100:.1f}% to a load "
+              f"({r['value_check_inline_of_load_paired'] * 100:.1f}% in the reading thread; paired rounds); the check alone {r['value_check_s'] * 1e3:.2f} ms "
+              f"({r['value_check_of_load'] * 100:.1f}% of a load; an in-memory adapter's {r['in_memory_check_s'] * 1e3:.2f} ms); "
+              f"library get_tensors {r['library_no_value_check'] * 1e3:.2f} ms, hand-written mmap "
+              f"{r['mmap_no_value_check'] * 1e3:.2f} ms (library / mmap {r['library_over_mmap']:.2f}x)")
     sw = results["switch"]
     print(f"switch: lora_graph use() {sw['lora_graph_use_s'] * 1e6:.1f} us, "
           f"peft set_adapter {sw['peft_set_adapter_s'] * 1e6:.1f} us")

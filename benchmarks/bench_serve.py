@@ -23,10 +23,16 @@ Providers (all over the same base weight tensors):
 
 Every provider runs once per round (``--rounds``, 3), in an order rotated each round, so that a
 slow spell of a shared machine does not fall on one provider only; reported per provider: the
-round with the median tokens/s (its latencies too) and every round's tokens/s; per target: the
-median over rounds of that round's ratio.
+round with the median tokens/s (its latencies too) and every round's tokens/s.
 
-    python benchmarks/bench_serve.py [--requests 48] [--rounds 3] [--out benchmarks/results/serve.json]
+Targets are ratios of two providers. In a round the two runs of a ratio can be minutes apart, and
+the speed of a shared machine drifts over minutes (the base-only runs of one round have ranged
+from 230 to 310 tokens/s), so each ratio is also measured in ``--pairs`` (6) pairs of adjacent
+runs of its two providers, the first of each pair alternating: the targets are the medians of
+those pairs' ratios (``targets``); the medians of the rounds' ratios are reported beside them
+(``targets_from_rounds``). The better PEFT baseline is the one with the higher median in the rounds.
+
+    python benchmarks/bench_serve.py [--requests 48] [--rounds 3] [--pairs 6] [--out benchmarks/results/serve.json]
 """
 
 from __future__ import annotations
@@ -231,6 +237,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, nargs=2, default=[16, 96], metavar=("MIN", "MAX"))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="every provider once per round; medians are reported")
+    ap.add_argument("--pairs", type=int, default=6, help="pairs of adjacent runs per target ratio")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -283,17 +290,40 @@ def main() -> None:
         runs = sorted((one[label] for one in rounds), key=lambda x: x["tokens_per_s"])
         results[label] = {**runs[len(runs) // 2], "tokens_per_s_rounds": [one[label]["tokens_per_s"] for one in rounds]}
     summary = _targets(rounds)
-    for line in summary["lines"]:
-        print(line)
+    pairs = _pairs(providers, results, args.pairs)
+    for label, ratio in pairs["targets"].items():
+        print(f"{label}: {ratio:.2f} (adjacent pairs: {', '.join(f'{r:.2f}' for r in pairs['pairs'][label])}; "
+              f"from the rounds: {summary['targets'][label]:.2f})")
     write_json({"benchmark": "serve", **environment(), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}, "clients": CLIENTS,
         "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens_range": args.new, "rank": args.rank,
-        "rounds": args.rounds, "results": results, "targets": summary["targets"],
+        "rounds": args.rounds, "results": results, "targets": pairs["targets"], "target_pairs": pairs["pairs"],
+        "target_providers": pairs["providers"], "targets_from_rounds": summary["targets"],
         "targets_rounds": summary["rounds"]}, args.out)
 
 
+def _pairs(providers: dict, results: dict, count: int) -> dict:
+    """Each target's ratio over ``count`` pairs of adjacent runs of its two providers (which one
+    runs first alternates, so that a machine speeding up or slowing down favours neither)."""
+    peft = max(("PEFT static batches, 8 adapters", "PEFT set_adapter one at a time, 8 adapters"),
+               key=lambda label: results[label]["tokens_per_s"])
+    compared = {"8 adapters / base only >= 0.85": ("8 adapters", "base only"),
+                "continuous / one at a time >= 4": ("8 adapters", "8 adapters, batching off"),
+                "8 adapters / best PEFT >= 2": ("8 adapters", peft)}
+    out = {}
+    for target, (num, den) in compared.items():
+        out[target] = []
+        for i in range(count):
+            tps = {}
+            for label in ((num, den) if i % 2 == 0 else (den, num)):
+                tps[label] = providers[label]()["tokens_per_s"]
+            out[target].append(tps[num] / tps[den])
+            print(f"pair {i + 1} {target}: {out[target][-1]:.3f}", flush=True)
+    return {"targets": {k: statistics.median(v) for k, v in out.items()}, "pairs": out, "providers": compared}
+
+
 def _targets(rounds: list[dict]) -> dict:
-    """Each target's ratio in every round, and their median: ratios of runs made side by side."""
+    """Each target's ratio in every round, and their median."""
     def ratios(results):
         tps = {k: v["tokens_per_s"] for k, v in results.items()}
         best_peft = max(tps["PEFT static batches, 8 adapters"], tps["PEFT set_adapter one at a time, 8 adapters"])
@@ -303,8 +333,7 @@ def _targets(rounds: list[dict]) -> dict:
 
     per_round = [ratios(one) for one in rounds]
     targets = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
-    return {"targets": targets, "rounds": per_round,
-            "lines": [f"{k}: {v:.2f} (rounds: {', '.join(f'{r[k]:.2f}' for r in per_round)})" for k, v in targets.items()]}
+    return {"targets": targets, "rounds": per_round}
 
 
 if __name__ == "__main__":

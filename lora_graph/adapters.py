@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from .config import AdapterConfigError, LoraSettings, parse_config, warn_if_other_base
+from .tensorfile import check_stamp, file_stamp, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -119,43 +119,11 @@ class AdapterWeights:
         return sum(m.mag.numel() for m in self.modules.values() if m.mag is not None)
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, parsed by the safetensors library (which also refuses
-    overlapping or misplaced data offsets and trailing bytes) and read with ``pread(2)`` into memory
-    the process owns. Never through a memory map: touching a mapped page that a rewrite in place
-    (open, truncate, write) took away from the file kills the process with SIGBUS, while a read
-    only comes back short."""
-    before = file_stamp(path)
-    try:
-        with safe_open(path, framework="pt", backend="pread") as f:
-            tensors = f.get_tensors()
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is unreadable
-        raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
-    _check_stamp(path, before, "being read")
-    return tensors
-
-
-def file_stamp(path: Path) -> tuple:
-    """What changes when a file is rewritten: ``(path, size, mtime, inode, device)``."""
-    st = os.stat(path)
-    return str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
-
-
-def _check_stamp(path: Path, stamp: tuple, when: str) -> None:
-    try:
-        now = file_stamp(path)
-    except OSError:
-        now = None
-    if now != stamp:
-        raise ValueError(f"{path}: the file changed while the adapter was {when} (rewritten in place?); "
-                         "load it again once it is complete")
-
-
 def check_unchanged(weights: AdapterWeights) -> None:
     """Raise if a file ``weights`` was read from changed since: weights read ahead of the lock
     and placed under it must still be the files' contents."""
     for stamp in filter(None, weights.files):
-        _check_stamp(Path(stamp[0]), stamp, "waiting to be placed")
+        check_stamp(Path(stamp[0]), stamp, "waiting to be placed")
 
 
 def is_unchanged(weights: AdapterWeights) -> bool:
@@ -166,12 +134,14 @@ def is_unchanged(weights: AdapterWeights) -> bool:
     return True
 
 
-def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], tuple]:
-    """The tensors of the adapter's weights file, and that file's stamp."""
+def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], tuple, set[int]]:
+    """The tensors of the adapter's weights file, that file's stamp, and the ``id()`` of those
+    whose values the reader found finite (tensorfile.py; none for a pickle file)."""
     st = folder / SAFETENSORS_NAME
     if st.is_file():
         stamp = file_stamp(st)
-        return read_safetensors(st), stamp
+        tensors, finite = read_safetensors(st)
+        return tensors, stamp, finite
     pt = folder / PICKLE_NAME
     if pt.is_file():
         if not allow_pickle:
@@ -184,9 +154,9 @@ def _read_tensors(folder: Path, allow_pickle: bool) -> tuple[dict[str, torch.Ten
             tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling failure means the same to the user
             raise ValueError(f"{pt}: cannot read the adapter weights ({exc})") from None
-        _check_stamp(pt, stamp, "being read")
+        check_stamp(pt, stamp, "being read")
         _check_pickled(pt, tensors)
-        return tensors, stamp
+        return tensors, stamp, set()
     raise FileNotFoundError(f"{folder}: no {SAFETENSORS_NAME} (nor {PICKLE_NAME})")
 
 
@@ -259,8 +229,8 @@ def read_adapter(
     folder = adapter_dir(path)
     config_stamp = file_stamp(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
     settings = read_config(folder, strict)
-    tensors, weights_stamp = _read_tensors(folder, allow_pickle)
-    weights = adapter_weights(folder, settings, tensors, shapes, base_weight, base_rows, dtype)
+    tensors, weights_stamp, finite = _read_tensors(folder, allow_pickle)
+    weights = adapter_weights(folder, settings, tensors, shapes, base_weight, base_rows, dtype, finite)
     return replace(weights, files=(config_stamp, weights_stamp))
 
 
@@ -272,10 +242,12 @@ def adapter_weights(
     base_weight: Callable[[str], torch.Tensor | None] = lambda name: None,
     base_rows: Callable[[str], Callable[[int, int], torch.Tensor]] | None = None,
     dtype: torch.dtype | None = None,
+    finite: set[int] = frozenset(),
 ) -> AdapterWeights:
     """Validate PEFT-keyed ``tensors`` under ``settings`` against the model (see
     :func:`read_adapter`): what a folder and an in-memory adapter share, so both are checked, and
-    placed, alike. ``source`` names the adapter in errors."""
+    placed, alike. ``source`` names the adapter in errors; ``finite`` holds the ``id()`` of
+    tensors whose values were found finite as they were read from a file (tensorfile.py)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         found = split_key(key)
@@ -291,7 +263,7 @@ def adapter_weights(
         module[found[1]] = tensor
 
     modules = {name: _check_module(source, name, found, shapes.get(name), settings) for name, found in parts.items()}
-    _check_values(source, parts, dtype)
+    _check_values(source, parts, dtype, finite)
     _check_targets(source, modules, shapes, settings)
     if settings.use_dora:  # last: everything cheap to check has been checked
         modules = _with_dora_scales(source, modules, parts, base_rows)
@@ -405,14 +377,16 @@ def _check_module(folder, name, found, shape: ModuleShape | None, settings: Lora
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_values(folder, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None) -> None:
+def _check_values(folder, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype | None,
+                  finite: set[int] = frozenset()) -> None:
     """NaN or infinity in a factor poisons every output of its module, and so does a finite value
     beyond the range of the dtype it is kept in: ``dtype`` (an F64 factor kept as fp32, an F32 one
     as fp16), fp32 for DoRA's magnitude.
 
     One pass over the values: where the kept dtype holds every value of the file's, a sum per
     tensor, finite unless a value is not (or the sum overflows), all tested at once; min and max
-    otherwise, and for a tensor whose sum is not finite, to tell which it is."""
+    otherwise, and for a tensor whose sum is not finite, to tell which it is. A tensor in
+    ``finite`` (found finite as the file was read, tensorfile.py) needs no sum of its own."""
     limits = {part: math.inf if dtype is None else torch.finfo(dtype).max for part in _PARTS}
     limits[_MAGNITUDE] = torch.finfo(torch.float32).max
     by_sum: dict[torch.dtype, list] = {}
@@ -423,6 +397,8 @@ def _check_values(folder, parts: dict[str, dict[str, torch.Tensor]], dtype: torc
                 continue
             entry = (name, part, tensor, limits[part])
             summed = tensor.dtype in _FLOATS and torch.finfo(tensor.dtype).max <= limits[part]
+            if summed and id(tensor) in finite:
+                continue
             (by_sum.setdefault(tensor.dtype, []) if summed else exact).append(entry)
     for group in by_sum.values():
         finite = torch.isfinite(torch.stack([entry[2].sum() for entry in group])).tolist()

@@ -6,7 +6,7 @@ Three tiers, fastest first:
   contiguous buffer (pinned when CUDA is present) so putting it on the device is one transfer;
 - registry: a name and a path; nothing is read until a request needs the adapter.
 
-Reading (adapters.py) reads each tensor of the file into host memory with ordinary reads (never a
+Reading (adapters.py, tensorfile.py) reads the file into host memory with ordinary reads (never a
 memory map, which a file rewritten in place turns into SIGBUS); validated there, it is copied once,
 straight into the coalesced buffer (or, on a CPU model, into its slot), in the dtype the adapters
 are kept in. A DoRA adapter's per-module ``g`` vectors stay fp32 whatever

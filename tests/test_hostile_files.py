@@ -370,25 +370,25 @@ def test_reader_never_maps_the_file(saved, tmp_path):
     path = copy_adapter(saved["good"], str(tmp_path / "x"))
     st = os.path.join(path, ST)
     want = {k: v.clone() for k, v in load_file(st).items()}  # load_file maps the file
-    got = read_safetensors(type(tmp_path)(st))
+    got, _ = read_safetensors(type(tmp_path)(st))
     os.truncate(st, 0)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_file_changing_during_the_read_is_refused(saved, tmp_path, monkeypatch):
     """A rewrite that lands between the reader's stat and its read: the stamps differ, the read fails."""
-    from lora_graph import adapters
+    from lora_graph import adapters, tensorfile
 
     path = copy_adapter(saved["good"], str(tmp_path / "x"))
     st = os.path.join(path, ST)
-    real_open = adapters.safe_open
+    real_open = tensorfile.safe_open
 
     def rewriting_open(*args, **kwargs):
         save_file({k: v + 1 for k, v in load_file(st).items()}, st)  # same size, new contents
         os.utime(st, ns=(1, 1))
         return real_open(*args, **kwargs)
 
-    monkeypatch.setattr(adapters, "safe_open", rewriting_open)
+    monkeypatch.setattr(tensorfile, "safe_open", rewriting_open)
     with pytest.raises(ValueError, match="changed while the adapter was being read"):
         adapters.read_safetensors(type(tmp_path)(st))
 
