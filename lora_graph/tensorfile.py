@@ -18,14 +18,13 @@ in cache) while the reader goes on with the next one; the reader returns which t
 and adapters.py checks every other value (tensors of a run that failed, tensors given in memory)
 and names the one at fault.
 
-The helper runs numpy, never torch: a torch op in a second long-lived thread gives that thread an
-OpenMP team of its own, and once a process holds more OpenMP threads than cores, libgomp stops
-idle threads from spinning between parallel regions, which cut a serving engine's 8-adapter
-tokens/s by 12% (measured, with torch sums on the helper).
+The helper runs numpy, never torch: a torch op in a long-lived second thread gives that thread an
+OpenMP pool of its own, after which every small op of the forwards pays for waking its workers
+(serve/omp.py); with torch sums on the helper, a serving engine's 8-adapter tokens/s fell by 12%.
 
-The buffer asks for transparent huge pages (Linux, ``madvise``): reading into fresh memory costs
-a page fault per page, and with 2 MB pages instead of 4 kB ones reading an 84 MB adapter took
-12.6 ms instead of 42 ms (measured).
+A large buffer asks for transparent huge pages (Linux, ``madvise``): reading into fresh memory
+costs a page fault per page, and with 2 MB pages instead of 4 kB ones reading an 84 MB adapter
+took 12.6 ms instead of 42 ms (measured).
 """
 
 from __future__ import annotations
@@ -43,12 +42,16 @@ import torch
 from safetensors import safe_open
 
 _RUN_BYTES = 4 << 20  # a run of tensors read, then checked, at once: stays in cache between the two
-_HUGE_PAGE = 2 << 20
+# From this size on, glibc's malloc maps fresh memory for every buffer (its largest mmap
+# threshold), so each read faults every page in; below it, freed memory is reused (measured:
+# 16 MB read in 2.4 ms into a plain buffer, 3.0 ms into huge pages; 32 MB in 18.7 and 6.2 ms)
+_HUGE_PAGES_FROM = 32 << 20
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 # the float dtypes checked here: (signed, unsigned) integers of their width, and the smallest
 # bit pattern of a positive and of a negative NaN or infinity
@@ -153,11 +156,12 @@ def _passed(check) -> bool:
 
 
 def _buffer(size: int) -> torch.Tensor:
-    """``size`` bytes of fresh memory. Where the kernel offers transparent huge pages on request
-    (Linux), an anonymous mapping asks for them: the read then faults in 2 MB pages instead of
-    4 kB ones, which made reading an 84 MB adapter 3.4x faster (42 to 12.6 ms, measured)."""
+    """``size`` bytes to read into. A large buffer is fresh memory, and where the kernel offers
+    transparent huge pages on request (Linux), an anonymous mapping asks for them: the read then
+    faults in 2 MB pages instead of 4 kB ones, which made reading an 84 MB adapter 3.4x faster
+    (42 to 12.6 ms, measured)."""
     advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if size < _HUGE_PAGE or advice is None:
+    if size < _HUGE_PAGES_FROM or advice is None:
         return torch.empty(size, dtype=torch.uint8)
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
@@ -173,14 +177,19 @@ def _entries(path: Path, file, names: list[str]) -> tuple[dict, int]:
     try:
         (size,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(size))
-        entries = {}
+        infos = {}
         for name in names:
-            info = header[name]
-            begin, end = (int(v) for v in info["data_offsets"])
-            entries[name] = (_DTYPES[info["dtype"]], tuple(int(n) for n in info["shape"]), begin, end)
+            begin, end = (int(v) for v in header[name]["data_offsets"])
+            infos[name] = (header[name]["dtype"], tuple(int(n) for n in header[name]["shape"]), begin, end)
     except (KeyError, TypeError, ValueError, struct.error, RecursionError) as exc:
         raise ValueError(f"{path}: the file changed while the adapter was being read, or has a header this "
                          f"reader does not know ({type(exc).__name__}: {exc})") from None
+    entries = {}
+    for name, (kind, shape, begin, end) in infos.items():
+        if kind not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, which lora_graph does not read "
+                             "(LoRA factors are F32, F16, BF16 or F64)")
+        entries[name] = (_DTYPES[kind], shape, begin, end)
     return entries, 8 + size
 
 

@@ -252,3 +252,23 @@ def test_key_split_follows_peft_key_grammar():
         assert split_key(key) == ((m["module"], m["part"]) if m else None), key
         f = full.match(key)
         assert split_key(key, _FULL) == ((f["module"], "base_layer.weight") if f else None), key
+
+
+def test_reader_dtypes_beyond_floats(tmp_path):
+    """Unsigned integer tensors read as such (adapters.py then refuses them as factors); a dtype
+    the reader does not know is refused with an error naming the file."""
+    import json
+
+    from lora_graph import tensorfile
+
+    def write(name, dtype, raw):
+        text = json.dumps({"t": {"dtype": dtype, "shape": [len(raw) // 2], "data_offsets": [0, len(raw)]}}).encode()
+        path = tmp_path / name
+        path.write_bytes(len(text).to_bytes(8, "little") + text + raw)
+        return path
+
+    got, finite = tensorfile.read_safetensors(write("u16.safetensors", "U16", (513).to_bytes(2, "little") * 3))
+    assert got["t"].dtype == torch.uint16 and got["t"].view(torch.int16).tolist() == [513] * 3 and not finite
+    path = write("odd.safetensors", "F8_E8M0", b"\x01\x02")
+    with pytest.raises(ValueError, match=str(path).replace(".", r"\.")):
+        tensorfile.read_safetensors(path)
