@@ -14,7 +14,8 @@ integers, they lie above every finite value of their sign. So the largest value 
 read as signed integers, and the largest read as unsigned ones, say exactly whether the run holds
 a NaN or an infinity (positive, then negative): two passes of numpy's integer ``max``, exact where
 a sum of finite values can overflow. A helper thread checks each run just after it was read (still
-in cache) while the reader goes on with the next one; the reader returns which tensors passed,
+in cache) while the reader goes on with the next one (the last run, with nothing left to read,
+is checked by the reader itself); the reader returns which tensors passed,
 and adapters.py checks every other value (tensors of a run that failed, tensors given in memory)
 and names the one at fault.
 
@@ -131,14 +132,19 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
         raw = data.numpy()
         target, done = memoryview(raw), 0
         file.seek(start)
-        for begin, end, dtype, members in _runs(entries, tensors):
+        runs = list(_runs(entries, tensors))
+        for i, (begin, end, dtype, members) in enumerate(runs):
             while done < end:  # an ordinary read: a file cut short meanwhile gives a short count
                 got = file.readinto(target[done:end])
                 if not got:
                     raise ValueError(f"{path}: the file changed while the adapter was being read (rewritten "
                                      "in place?); load it again once it is complete")
                 done += got
-            if dtype is not None:
+            if dtype is None:
+                continue
+            if i == len(runs) - 1:  # nothing left to read meanwhile: checked here, no hand-off
+                checks.append((all_finite(raw[begin:end], dtype), members))
+            else:
                 checks.append((_helper().submit(all_finite, raw[begin:end], dtype), members))
     finite = {id(t) for check, members in checks if _passed(check) for t in members}
     check_stamp(path, before, "being read")
@@ -149,6 +155,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
 
 
 def _passed(check) -> bool:
+    if isinstance(check, bool):
+        return check
     try:
         return check.result()
     except Exception:  # noqa: BLE001 - a check that failed proves nothing: adapters.py checks those values
