@@ -26,8 +26,8 @@ slow spell of a shared machine does not fall on one provider only; reported per 
 round with the median tokens/s (its latencies too) and every round's tokens/s.
 
 Targets are ratios of two providers. In a round the two runs of a ratio can be minutes apart, and
-the speed of a shared machine drifts over minutes (the base-only runs of one round have ranged
-from 230 to 310 tokens/s), so each ratio is also measured in ``--pairs`` (6) pairs of adjacent
+the speed of a shared machine drifts within minutes (the base-only engine has made 230 to 322
+tokens/s across rounds), so each ratio is also measured in ``--pairs`` (6) pairs of adjacent
 runs of its two providers, the first of each pair alternating: the targets are the medians of
 those pairs' ratios (``targets``); the medians of the rounds' ratios are reported beside them
 (``targets_from_rounds``). The better PEFT baseline is the one with the higher median in the rounds.
