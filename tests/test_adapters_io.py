@@ -272,3 +272,35 @@ def test_reader_dtypes_beyond_floats(tmp_path):
     path = write("odd.safetensors", "F8_E8M0", b"\x01\x02")
     with pytest.raises(ValueError, match=str(path).replace(".", r"\.")):
         tensorfile.read_safetensors(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+def test_reader_in_a_forked_child(tmp_path):
+    """A child forked after the parent's reads has none of the parent's threads: its reads start a
+    helper of their own instead of queueing checks for a thread that does not exist (they would
+    wait forever)."""
+    import multiprocessing
+
+    from safetensors.torch import save_file
+
+    from lora_graph import tensorfile
+
+    path = tmp_path / "x.safetensors"
+    runs = 3 * tensorfile._RUN_BYTES // 4  # fp32 values in three runs: the first two go to the helper
+    save_file({f"t{i}": torch.full((runs // 3,), float(i)) for i in range(3)}, str(path))
+    got, finite = tensorfile.read_safetensors(path)  # the parent's helper thread now exists
+    assert len(finite) == 3
+
+    def child(queue):
+        tensors, passed = tensorfile.read_safetensors(path)
+        queue.put(sorted(name for name, t in tensors.items() if id(t) in passed))
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child's read did not finish")
+    assert proc.exitcode == 0 and queue.get(timeout=5) == ["t0", "t1", "t2"]
