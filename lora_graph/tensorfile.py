@@ -31,6 +31,7 @@ took 12.6 ms instead of 42 ms (measured).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -115,16 +116,17 @@ def all_finite(raw: np.ndarray, dtype: torch.dtype) -> bool:
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
     """Tensors of a safetensors file (views of one buffer the process owns), and the ``id()`` of
-    each one whose values were checked and found finite. The library validates the header first (it refuses
-    overlapping or misplaced data offsets and trailing bytes); a file that changes meanwhile
-    fails with a clear error, as does one whose data is not what its header says."""
+    each one whose values were checked and found finite. The library validates the header first
+    (it refuses overlapping or misplaced data offsets and trailing bytes); a file that changes
+    meanwhile fails with a clear error, as does one whose data is not what its header says."""
     before = file_stamp(path)
     try:
         with safe_open(path, framework="pt", backend="pread") as f:  # validates the header
             names = list(f.keys())
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...: the file is unreadable
         raise ValueError(f"{path}: cannot read the adapter weights ({exc})") from None
-    checks = []
+    finite: set[int] = set()
+    pending = []  # (check on the helper, the tensors it covers)
     with open(path, "rb", buffering=0) as file:
         entries, start = _entries(path, file, names)
         data = _buffer(max((end for _, _, _, end in entries.values()), default=0))
@@ -142,11 +144,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
                 done += got
             if dtype is None:
                 continue
-            if i == len(runs) - 1:  # nothing left to read meanwhile: checked here, no hand-off
-                checks.append((all_finite(raw[begin:end], dtype), members))
-            else:
-                checks.append((_helper().submit(all_finite, raw[begin:end], dtype), members))
-    finite = {id(t) for check, members in checks if _passed(check) for t in members}
+            if i < len(runs) - 1:
+                pending.append((_helper().submit(all_finite, raw[begin:end], dtype), members))
+            elif all_finite(raw[begin:end], dtype):  # nothing left to read meanwhile: no hand-off
+                finite.update(id(t) for t in members)
+    finite.update(id(t) for check, members in pending if _passed(check) for t in members)
     check_stamp(path, before, "being read")
     for name, (dtype, shape, begin, end) in entries.items():
         if tensors[name] is None:  # misaligned: a copy of its own, checked by adapters.py
@@ -155,8 +157,6 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
 
 
 def _passed(check) -> bool:
-    if isinstance(check, bool):
-        return check
     try:
         return check.result()
     except Exception:  # noqa: BLE001 - a check that failed proves nothing: adapters.py checks those values
@@ -206,10 +206,7 @@ def _views(path: Path, data: torch.Tensor, entries: dict) -> dict[str, torch.Ten
     element size (it gets a copy of its own once its bytes are read)."""
     tensors = {}
     for name, (dtype, shape, begin, end) in entries.items():
-        numel = 1
-        for n in shape:
-            numel *= n
-        if end - begin != numel * dtype.itemsize or begin < 0:
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
             raise ValueError(f"{path}: the data offsets of {name!r} do not match its shape and dtype")
         tensors[name] = data[begin:end].view(dtype).view(shape) if begin % dtype.itemsize == 0 else None
     return tensors

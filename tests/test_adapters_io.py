@@ -193,14 +193,25 @@ def test_value_check_finds_exactly_nan_and_infinity(dtype):
             assert not all_finite(raw(values), dtype), (bad, at)
 
 
+def write_raw_safetensors(path, parts) -> None:
+    """A safetensors file written by hand, ``parts`` being ``(name, dtype, shape, raw bytes)`` laid
+    out one after the other in that order, with no alignment (which the library's writer would add)."""
+    import json
+
+    header, at = {}, 0
+    for name, dtype, shape, raw in parts:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + len(raw)]}
+        at += len(raw)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(raw for *_, raw in parts))
+
+
 @pytest.mark.parametrize("bad", [None, "nan", "-inf"])
 def test_reader_checks_runs_of_tensors(tmp_path, bad):
     """A tensor whose data offset is not a multiple of its element size (an odd-sized int8 tensor
     before it) is read as a copy of its own and left to adapters.py to check; a NaN or an infinity
     fails the check of its run of tensors, so no tensor of that run is passed, while the other
     run's are."""
-    import json
-
     from lora_graph import tensorfile
 
     g = torch.Generator().manual_seed(0)
@@ -211,16 +222,10 @@ def test_reader_checks_runs_of_tensors(tmp_path, bad):
     # bytes 0-2 int8, 3-6 a bf16 pair (misaligned), 7 int8, then the fp32 tensors (aligned again)
     parts = [("odd", torch.arange(3, dtype=torch.int8)), ("late", torch.randn(2, generator=g).bfloat16()),
              ("pad", torch.ones(1, dtype=torch.int8)), *((f"big{i}", t) for i, t in enumerate(bigs))]
-    header, blobs, at = {}, [], 0
-    for name, t in parts:
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": {torch.int8: "I8", torch.bfloat16: "BF16", torch.float32: "F32"}[t.dtype],
-                        "shape": list(t.shape), "data_offsets": [at, at + len(raw)]}
-        blobs.append(raw)
-        at += len(raw)
-    text = json.dumps(header).encode()
+    names = {torch.int8: "I8", torch.bfloat16: "BF16", torch.float32: "F32"}
     path = tmp_path / "x.safetensors"
-    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+    write_raw_safetensors(path, [(name, names[t.dtype], t.shape, t.contiguous().view(torch.uint8).numpy().tobytes())
+                                 for name, t in parts])
     got, finite = tensorfile.read_safetensors(path)
     for name, t in parts:
         torch.testing.assert_close(got[name], t, rtol=0, atol=0, equal_nan=True)
@@ -257,14 +262,11 @@ def test_key_split_follows_peft_key_grammar():
 def test_reader_dtypes_beyond_floats(tmp_path):
     """Unsigned integer tensors read as such (adapters.py then refuses them as factors); a dtype
     the reader does not know is refused with an error naming the file."""
-    import json
-
     from lora_graph import tensorfile
 
     def write(name, dtype, raw):
-        text = json.dumps({"t": {"dtype": dtype, "shape": [len(raw) // 2], "data_offsets": [0, len(raw)]}}).encode()
         path = tmp_path / name
-        path.write_bytes(len(text).to_bytes(8, "little") + text + raw)
+        write_raw_safetensors(path, [("t", dtype, [len(raw) // 2], raw)])
         return path
 
     got, finite = tensorfile.read_safetensors(write("u16.safetensors", "U16", (513).to_bytes(2, "little") * 3))
