@@ -6,8 +6,12 @@ waits for its last token, sends the next) share ``--requests`` requests of ``--p
 tokens, each asking for a number of new tokens drawn uniformly from ``--new`` (seeded, the same
 draw for every provider; no end token, so every request generates them all), as answers of
 different lengths do; request ``i`` uses adapter ``i mod D``. Every provider first serves a short
-warm-up round. Measured per provider: generated tokens per second over the
-whole run, time to first token (submit to first token) and inter-token latency, p50 and p99.
+warm-up round. Measured per provider: generated tokens per second while the 16 clients are all
+busy (``sustained_tokens_per_s``: from the moment every client has a request in flight to the
+moment the last request is taken; after it, clients run out of work one by one and the run ends
+with fewer than 16 concurrent requests, the last third of a 48-request run), generated tokens per
+second over the whole run (``tokens_per_s``), time to first token (submit to first token) and
+inter-token latency, p50 and p99.
 
 Every provider computes in the main thread, the one that built the model, as ``lora-graph serve``
 does (lora_graph.serve.Engine.run says why); the clients are threads that submit and wait.
@@ -29,8 +33,10 @@ Targets are ratios of two providers. In a round the two runs of a ratio can be m
 the speed of a shared machine drifts within minutes (the base-only engine has made 230 to 322
 tokens/s across rounds), so each ratio is also measured in ``--pairs`` (6) pairs of adjacent
 runs of its two providers, the first of each pair alternating: the targets are the medians of
-those pairs' ratios (``targets``); the medians of the rounds' ratios are reported beside them
-(``targets_from_rounds``). The better PEFT baseline is the one with the higher median in the rounds.
+those pairs' ratios of sustained tokens/s (``targets``), the throughput of 16 concurrent clients;
+beside them, the same pairs' ratios of whole-run tokens/s (``targets_whole_run``) and the medians
+of the rounds' ratios (``targets_from_rounds``, ``targets_whole_run_from_rounds``). The better
+PEFT baseline is the one with the higher median sustained tokens/s in the rounds.
 
     python benchmarks/bench_serve.py [--requests 48] [--rounds 3] [--pairs 6] [--out benchmarks/results/serve.json]
 """
@@ -57,6 +63,14 @@ from bench_cpu_branch import TARGETS, shared_copy
 from lora_graph.serve import Engine
 
 CLIENTS = 16
+SUSTAINED = "sustained_tokens_per_s"  # while all 16 clients have a request in flight (Timeline.summary)
+METRICS = (SUSTAINED, "tokens_per_s")
+PEFT = ("PEFT static batches, 8 adapters", "PEFT set_adapter one at a time, 8 adapters")
+RATIOS = {  # target: (numerator, denominator); None: the better PEFT baseline
+    "8 adapters / base only >= 0.85": ("8 adapters", "base only"),
+    "continuous / one at a time >= 4": ("8 adapters", "8 adapters, batching off"),
+    "8 adapters / best PEFT >= 2": ("8 adapters", None),
+}
 
 
 def write_adapters(model, folder: str, count: int, rank: int) -> dict[str, str]:
@@ -88,12 +102,19 @@ class Timeline:
         ttft = [times[0] - self.sent[i] for i, times in self.tokens.items() if times]
         itl = [b - a for times in self.tokens.values() for a, b in zip(times, times[1:])]
         total = sum(len(t) for t in self.tokens.values())
+        # 16 concurrent clients: from the moment every client has a request in flight to the moment
+        # the last request is taken (then clients run out of work one by one, and fewer than 16 wait)
+        sends = sorted(self.sent.values())
+        start, end = sends[min(CLIENTS, len(sends)) - 1], sends[-1]
+        inside = sum(start <= t <= end for times in self.tokens.values() for t in times)
 
         def pct(xs, q):
             xs = sorted(xs)
             return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else None
 
-        return {"tokens": total, "seconds": wall, "tokens_per_s": total / wall, "ttft_p50_s": pct(ttft, 0.5),
+        return {"tokens": total, "seconds": wall, "tokens_per_s": total / wall,
+                SUSTAINED: inside / (end - start) if end > start else None,  # None: 16 requests or fewer
+                "sustained_seconds": end - start, "ttft_p50_s": pct(ttft, 0.5),
                 "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5), "itl_p99_s": pct(itl, 0.99)}
 
 
@@ -240,6 +261,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=6, help="pairs of adjacent runs per target ratio")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "serve.json"))
     args = ap.parse_args()
+    if args.requests <= CLIENTS:
+        ap.error(f"--requests must be more than the {CLIENTS} clients, to measure them all busy")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512)
@@ -284,52 +307,60 @@ def main() -> None:
         rounds.append({})
         for label in order:
             rounds[-1][label] = providers[label]()
-            print(f"round {r + 1} {label:>42}: {rounds[-1][label]['tokens_per_s']:7.1f} tokens/s", flush=True)
+            print(f"round {r + 1} {label:>42}: {rounds[-1][label][SUSTAINED]:7.1f} tokens/s sustained, "
+                  f"{rounds[-1][label]['tokens_per_s']:7.1f} over the whole run", flush=True)
     results = {}
     for label in providers:  # the round with the median tokens/s, and every round's tokens/s
         runs = sorted((one[label] for one in rounds), key=lambda x: x["tokens_per_s"])
-        results[label] = {**runs[len(runs) // 2], "tokens_per_s_rounds": [one[label]["tokens_per_s"] for one in rounds]}
-    summary = _targets(rounds)
+        results[label] = {**runs[len(runs) // 2], "tokens_per_s_rounds": [one[label]["tokens_per_s"] for one in rounds],
+                          f"{SUSTAINED}_rounds": [one[label][SUSTAINED] for one in rounds]}
+        results[label][SUSTAINED] = statistics.median(results[label][f"{SUSTAINED}_rounds"])
+    summary = {metric: _targets(rounds, metric) for metric in METRICS}
     pairs = _pairs(providers, results, args.pairs)
     for label, ratio in pairs["targets"].items():
-        print(f"{label}: {ratio:.2f} (adjacent pairs: {', '.join(f'{r:.2f}' for r in pairs['pairs'][label])}; "
-              f"from the rounds: {summary['targets'][label]:.2f})")
+        print(f"{label}: {ratio:.2f} sustained (adjacent pairs: {', '.join(f'{r:.2f}' for r in pairs['pairs'][label])}; "
+              f"from the rounds: {summary[SUSTAINED]['targets'][label]:.2f}); whole run "
+              f"{pairs['targets_whole_run'][label]:.2f} (rounds {summary['tokens_per_s']['targets'][label]:.2f})")
     write_json({"benchmark": "serve", **environment(), "config": {k: getattr(cfg, k) for k in (
         "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}, "clients": CLIENTS,
         "requests": args.requests, "prompt_tokens": args.prompt, "new_tokens_range": args.new, "rank": args.rank,
         "rounds": args.rounds, "results": results, "targets": pairs["targets"], "target_pairs": pairs["pairs"],
-        "target_providers": pairs["providers"], "targets_from_rounds": summary["targets"],
-        "targets_rounds": summary["rounds"]}, args.out)
+        "targets_whole_run": pairs["targets_whole_run"], "target_pairs_whole_run": pairs["pairs_whole_run"],
+        "target_providers": pairs["providers"], "targets_from_rounds": summary[SUSTAINED]["targets"],
+        "targets_rounds": summary[SUSTAINED]["rounds"],
+        "targets_whole_run_from_rounds": summary["tokens_per_s"]["targets"],
+        "targets_whole_run_rounds": summary["tokens_per_s"]["rounds"]}, args.out)
 
 
 def _pairs(providers: dict, results: dict, count: int) -> dict:
     """Each target's ratio over ``count`` pairs of adjacent runs of its two providers (which one
-    runs first alternates, so that a machine speeding up or slowing down favours neither)."""
-    peft = max(("PEFT static batches, 8 adapters", "PEFT set_adapter one at a time, 8 adapters"),
-               key=lambda label: results[label]["tokens_per_s"])
-    compared = {"8 adapters / base only >= 0.85": ("8 adapters", "base only"),
-                "continuous / one at a time >= 4": ("8 adapters", "8 adapters, batching off"),
-                "8 adapters / best PEFT >= 2": ("8 adapters", peft)}
-    out = {}
+    runs first alternates, so that a machine speeding up or slowing down favours neither), in
+    sustained tokens/s and in whole-run tokens/s."""
+    peft = max(PEFT, key=lambda label: results[label][SUSTAINED])
+    compared = {target: (num, peft if den is None else den) for target, (num, den) in RATIOS.items()}
+    out = {metric: {} for metric in METRICS}
     for target, (num, den) in compared.items():
-        out[target] = []
+        for metric in METRICS:
+            out[metric][target] = []
         for i in range(count):
-            tps = {}
+            runs = {}
             for label in ((num, den) if i % 2 == 0 else (den, num)):
-                tps[label] = providers[label]()["tokens_per_s"]
-            out[target].append(tps[num] / tps[den])
-            print(f"pair {i + 1} {target}: {out[target][-1]:.3f}", flush=True)
-    return {"targets": {k: statistics.median(v) for k, v in out.items()}, "pairs": out, "providers": compared}
+                runs[label] = providers[label]()
+            for metric in METRICS:
+                out[metric][target].append(runs[num][metric] / runs[den][metric])
+            print(f"pair {i + 1} {target}: {out[SUSTAINED][target][-1]:.3f} sustained, "
+                  f"{out['tokens_per_s'][target][-1]:.3f} whole run", flush=True)
+    return {"targets": {k: statistics.median(v) for k, v in out[SUSTAINED].items()}, "pairs": out[SUSTAINED],
+            "targets_whole_run": {k: statistics.median(v) for k, v in out["tokens_per_s"].items()},
+            "pairs_whole_run": out["tokens_per_s"], "providers": compared}
 
 
-def _targets(rounds: list[dict]) -> dict:
-    """Each target's ratio in every round, and their median."""
+def _targets(rounds: list[dict], metric: str) -> dict:
+    """Each target's ratio in every round, in ``metric``, and their median."""
     def ratios(results):
-        tps = {k: v["tokens_per_s"] for k, v in results.items()}
-        best_peft = max(tps["PEFT static batches, 8 adapters"], tps["PEFT set_adapter one at a time, 8 adapters"])
-        return {"8 adapters / base only >= 0.85": tps["8 adapters"] / tps["base only"],
-                "continuous / one at a time >= 4": tps["8 adapters"] / tps["8 adapters, batching off"],
-                "8 adapters / best PEFT >= 2": tps["8 adapters"] / best_peft}
+        tps = {k: v[metric] for k, v in results.items()}
+        best_peft = max(tps[label] for label in PEFT)
+        return {target: tps[num] / (best_peft if den is None else tps[den]) for target, (num, den) in RATIOS.items()}
 
     per_round = [ratios(one) for one in rounds]
     targets = {k: statistics.median(r[k] for r in per_round) for k in per_round[0]}
