@@ -30,7 +30,7 @@ slow spell of a shared machine does not fall on one provider only; reported per 
 round with the median tokens/s (its latencies too) and every round's tokens/s.
 
 Targets are ratios of two providers. In a round the two runs of a ratio can be minutes apart, and
-the speed of a shared machine drifts within minutes (the base-only engine has made 230 to 322
+the speed of a shared machine drifts within minutes (the base-only engine has made 230 to 354
 tokens/s across rounds), so each ratio is also measured in ``--pairs`` (6) pairs of adjacent
 runs of its two providers, the first of each pair alternating: the targets are the medians of
 those pairs' ratios of sustained tokens/s (``targets``), the throughput of 16 concurrent clients;
@@ -310,7 +310,7 @@ def main() -> None:
             print(f"round {r + 1} {label:>42}: {rounds[-1][label][SUSTAINED]:7.1f} tokens/s sustained, "
                   f"{rounds[-1][label]['tokens_per_s']:7.1f} over the whole run", flush=True)
     results = {}
-    for label in providers:  # the round with the median tokens/s, and every round's tokens/s
+    for label in providers:  # the round with the median whole-run tokens/s; sustained: the median of the rounds
         runs = sorted((one[label] for one in rounds), key=lambda x: x["tokens_per_s"])
         results[label] = {**runs[len(runs) // 2], "tokens_per_s_rounds": [one[label]["tokens_per_s"] for one in rounds],
                           f"{SUSTAINED}_rounds": [one[label][SUSTAINED] for one in rounds]}
