@@ -303,10 +303,11 @@ def bench_readers(model, paths, device, run, repeats: int) -> dict:
                 with reader_variant(variant):
                     times[variant].append(run(lambda: lm.load_adapter(kind, path, replace=True), 1))
         entry = {v: statistics.median(t) for v, t in times.items()}
-        without = times["shipped_no_value_check"]
-        entry["value_check_of_load_paired"] = statistics.median((a - b) / a for a, b in zip(times["shipped"], without))
-        entry["value_check_inline_of_load_paired"] = statistics.median(
-            (a - b) / a for a, b in zip(times["check_inline"], without))
+        def added(checked: str) -> float:  # median over rounds of (with - without) / with
+            return statistics.median((a - b) / a for a, b in zip(times[checked], times["shipped_no_value_check"]))
+
+        entry["value_check_of_load_paired"] = added("shipped")
+        entry["value_check_inline_of_load_paired"] = added("check_inline")
         # the check's own work, timed alone: the reader's checks of the file's runs (each just
         # after its run is read, in the reading thread), and the check that an adapter given in
         # memory gets instead (a sum per tensor, after the read)

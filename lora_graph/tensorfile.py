@@ -77,8 +77,12 @@ def check_stamp(path: Path, stamp: tuple, when: str) -> None:
     except OSError:
         now = None
     if now != stamp:
-        raise ValueError(f"{path}: the file changed while the adapter was {when} (rewritten in place?); "
-                         "load it again once it is complete")
+        raise _changed(path, when)
+
+
+def _changed(path: Path, when: str) -> ValueError:
+    return ValueError(f"{path}: the file changed while the adapter was {when} (rewritten in place?); "
+                      "load it again once it is complete")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -139,8 +143,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], set[int]]:
             while done < end:  # an ordinary read: a file cut short meanwhile gives a short count
                 got = file.readinto(target[done:end])
                 if not got:
-                    raise ValueError(f"{path}: the file changed while the adapter was being read (rewritten "
-                                     "in place?); load it again once it is complete")
+                    raise _changed(path, "being read")
                 done += got
             if dtype is None:
                 continue
